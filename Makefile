@@ -1,0 +1,27 @@
+# trajrep: `make install` then `make test`. Everything runs from the virtual environment in $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# apt needs root; use sudo when we are not root and it exists.
+APT := $(if $(filter 0,$(shell id -u)),apt-get,$(shell command -v sudo >/dev/null && echo sudo apt-get))
+
+.PHONY: install data test quickstart
+
+install: data
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+
+# Fashion-MNIST for the real-data preset and tests, from Debian's package when apt is available.
+data:
+	@if [ -d $(FASHION_MNIST) ]; then echo "Fashion-MNIST found in $(FASHION_MNIST)"; \
+	elif command -v apt-get >/dev/null && [ -n "$(APT)" ]; then \
+		$(APT) install -y dataset-fashion-mnist || ($(APT) update && $(APT) install -y dataset-fashion-mnist); \
+	else echo "apt-get not available: Fashion-MNIST tests will be skipped (see README, 'Data')"; fi
+
+test:
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+quickstart:
+	$(BIN)/trajrep fit --config configs/quickstart.yaml

@@ -1,0 +1,181 @@
+"""Representation cache: extraction through the CLI, reuse, keys, integrity, crash safety and DDP equality."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import QUICKSTART, REPO
+from trajrep.cli import main
+from trajrep.data.cache import FORMAT_VERSION, RepresentationCache
+from trajrep.data.representations import RepresentationDataModule
+from trajrep.data.synthetic import SyntheticShapes
+from trajrep.errors import TrajrepError
+from trajrep.extract import CacheRowWriter, Extractor, load_pretrained_model, load_pretrained_weights
+from trajrep.pretrain import PretrainModule
+
+TINY_DATA = ["--data.init_args.num_train=64", "--data.init_args.num_test=48"]
+TINY_MODEL = ["--model.init_args.nf=8", "--model.init_args.widen_factor=0.125"]
+
+
+def extract(ckpt: pathlib.Path, cache_dir: pathlib.Path, *extra: str) -> pathlib.Path:
+    main(["extract", "--config", str(REPO / QUICKSTART), *TINY_DATA, *TINY_MODEL, "--ckpt_path", str(ckpt),
+          "--granularities=[2]", f"--cache_dir={cache_dir}", "--batch_size=16", "--trainer.logger=false",
+          "--trainer.enable_progress_bar=false", *extra])
+    (path,) = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_checkpoint, tmp_path_factory) -> pathlib.Path:
+    return extract(tiny_checkpoint, tmp_path_factory.mktemp("cache"))
+
+
+def test_cache_matches_direct_encoder_computation(cache, tiny_checkpoint):
+    reader = RepresentationCache(cache)
+    assert reader.times == [0.0, 0.5, 1.0]
+    model = load_pretrained_model(tiny_checkpoint, ema=False)
+    images = SyntheticShapes(num_train=64, num_test=48)
+    x, y = zip(*(images.dataset("test")[i] for i in range(5)))
+    x0 = images.normalize(torch.stack(x))
+    reps = reader.representations("test", [0, 1, 2])
+    assert reps.shape == (48, 3, model.latent_dim)
+    with torch.no_grad():
+        for i, t in enumerate(reader.times):
+            direct = model.encoder.representation(x0, model.sde.log_sigma(torch.full((5,), t)))
+            np.testing.assert_allclose(reps[:5, i], direct.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(reader.labels("test")[:5], torch.stack(y).numpy())
+    assert reader.labels("train").shape == (64, 4)  # labels keep their (tasks) shape
+
+
+def test_manifest_describes_the_cache(cache):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["key"] == cache.name and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["weights"] == "raw" and manifest["representation"] == "feature"
+    assert manifest["sigmas"][0] == pytest.approx(0.01) and manifest["sigmas"][-1] == pytest.approx(50.0)
+    assert manifest["splits"]["train"] == {"num_examples": 64, "label_shape": [4]}
+    assert set(manifest["checksums"]) == {f"{s}/{n}.npy" for s in ("train", "test")
+                                          for n in ("t000", "t001", "t002", "labels")}
+
+
+def test_second_request_reuses_the_cache_without_running_the_encoder(cache, tiny_checkpoint, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the encoder ran although the cache exists")
+
+    monkeypatch.setattr(Extractor, "forward", fail)
+    assert extract(tiny_checkpoint, cache.parent) == cache
+
+
+def test_changed_grid_dataset_or_weights_give_a_new_key(cache, tiny_checkpoint, tmp_path):
+    def key_of(**changes):
+        kwargs = dict(checkpoint=str(tiny_checkpoint), images=SyntheticShapes(num_train=64, num_test=48),
+                      granularities=[2], cache_dir=str(cache.parent))
+        kwargs.update(changes)
+        return RepresentationDataModule(**kwargs).cache_path.name
+
+    assert key_of() == cache.name
+    assert key_of(granularities=[4]) != cache.name
+    assert key_of(images=SyntheticShapes(num_train=64, num_test=48, seed=1)) != cache.name
+    assert key_of(ema=True) != cache.name
+    assert key_of(dtype="float16") != cache.name
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    first = next(k for k in state["current_model_state"] if k.startswith("encoder.") and "weight" in k)
+    state["current_model_state"][first] += 1.0
+    torch.save(state, tmp_path / "changed.ckpt")
+    assert key_of(checkpoint=str(tmp_path / "changed.ckpt")) != cache.name
+
+
+def test_edited_or_truncated_arrays_are_detected(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / cache.name
+    shutil.copytree(cache, copy)
+    array = copy / "train" / "t001.npy"
+    data = bytearray(array.read_bytes())
+    data[-1] ^= 0xFF
+    array.write_bytes(bytes(data))
+    with pytest.raises(TrajrepError, match="t001.npy is missing, truncated or modified"):
+        RepresentationCache(copy).representations("train", [1])
+    (copy / "test" / "labels.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(TrajrepError, match="labels.npy"):
+        RepresentationCache(copy).labels("test")
+
+
+def test_other_format_version_is_refused(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / cache.name
+    shutil.copytree(cache, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrajrepError, match="format version"):
+        RepresentationCache(copy)
+
+
+def test_crashed_extraction_leaves_no_complete_looking_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    original = CacheRowWriter.write_on_batch_end
+    calls = []
+
+    def crash_on_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a kill looks like from inside the loop
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CacheRowWriter, "write_on_batch_end", crash_on_second_batch)
+    with pytest.raises(BaseException):
+        extract(tiny_checkpoint, tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    monkeypatch.setattr(CacheRowWriter, "write_on_batch_end", original)
+    path = extract(tiny_checkpoint, tmp_path)
+    assert RepresentationCache(path).representations("train", [0]).shape[0] == 64
+
+
+def test_checkpoint_from_another_architecture_is_a_clear_error(tiny_checkpoint):
+    # The CLI rebuilds the model from the checkpoint's own hyperparameters; a model built otherwise must not load.
+    other = PretrainModule(image_channels=3, image_size=32, encoder_depth=10, widen_factor=0.25, nf=8,
+                           ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
+    with pytest.raises(TrajrepError, match="does not match the model in the config"):
+        load_pretrained_weights(other, tiny_checkpoint, ema=False)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        extract(tmp_path / "missing.ckpt", tmp_path)
+    err = capsys.readouterr().err
+    assert "missing.ckpt does not exist" in err and "Traceback" not in err
+
+
+def test_datamodule_sizes_known_at_init_and_cache_built_on_first_use(tiny_checkpoint, tmp_path):
+    data = RepresentationDataModule(str(tiny_checkpoint), SyntheticShapes(num_train=64, num_test=48),
+                                    granularities=[4], probe_times=[0.25, 0.75], cache_dir=str(tmp_path),
+                                    extract_batch_size=32, val_fraction=0.25)
+    assert (data.feature_dim, data.num_times, data.num_classes) == (8, 2, [9, 9, 16, 5])
+    assert not data.cache_path.exists()
+    data.prepare_data()
+    train_x, train_y = data.tensors("train")
+    val_x, _ = data.tensors("val")
+    test_x, test_y = data.tensors("test")
+    assert train_x.shape == (48, 2, 8) and val_x.shape == (16, 2, 8) and test_x.shape == (48, 2, 8)
+    assert train_y.shape == (48, 4) and test_y.shape == (48, 4)
+    full = RepresentationCache(data.cache_path).representations("test", [1, 3])
+    np.testing.assert_array_equal(test_x.numpy(), full)
+    # The split is fixed by split_seed: a second datamodule sees the same validation rows.
+    again = RepresentationDataModule(str(tiny_checkpoint), SyntheticShapes(num_train=64, num_test=48),
+                                     granularities=[4], probe_times=[0.25, 0.75], cache_dir=str(tmp_path),
+                                     val_fraction=0.25)
+    assert torch.equal(again.tensors("val")[0], val_x)
+
+
+@pytest.mark.slow
+def test_ddp_extraction_equals_single_process_bit_for_bit(cache, tiny_checkpoint, tmp_path):
+    path = extract(tiny_checkpoint, tmp_path, "--trainer.accelerator=cpu", "--trainer.devices=2",
+                   "--trainer.strategy=ddp_spawn")
+    assert path.name == cache.name
+    single, ddp = RepresentationCache(cache), RepresentationCache(path)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(single.representations(split, [0, 1, 2]), ddp.representations(split, [0, 1, 2]))
+        np.testing.assert_array_equal(single.labels(split), ddp.labels(split))

@@ -1,0 +1,81 @@
+"""The `trajrep` command end to end: configs parse, the quickstart trains and resumes, bad input fails clearly."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import QUICKSTART, tiny_fit_args
+from trajrep.cli import main
+
+CONFIGS = sorted(pathlib.Path(__file__).parents[1].glob("configs/**/*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def run_from_repo_root(monkeypatch):
+    monkeypatch.chdir(pathlib.Path(__file__).parents[1])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config, capsys):
+    extra = ["--config", QUICKSTART] if "logger" in config.parts else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *extra, "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path" in capsys.readouterr().out
+
+
+def test_quickstart_trains_writes_checkpoint_and_resumes(tmp_path):
+    main(tiny_fit_args(tmp_path, max_steps=3))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 3
+    # EMAWeightAveraging keeps both: EMA weights in state_dict, raw weights beside them.
+    assert set(checkpoint["current_model_state"]) == set(checkpoint["state_dict"])
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+
+    main(tiny_fit_args(tmp_path, max_steps=5) + ["--ckpt_path", str(last)])
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+
+
+def test_mode_switch_on_command_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", QUICKSTART, "--model.mode", "probabilistic-drl", "--print_config"])
+    assert "mode: probabilistic-drl" in capsys.readouterr().out
+
+
+def expect_cli_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code != 0
+    return capsys.readouterr().err
+
+
+def test_unknown_dataset_is_a_clear_error(capsys):
+    err = expect_cli_error(["fit", "--config", QUICKSTART, "--data", "ImageNet22k"], capsys)
+    assert "ImageNet22k" in err
+
+
+def test_unknown_mode_is_a_clear_error(capsys):
+    err = expect_cli_error(["fit", "--config", QUICKSTART, "--model.mode", "vae-drl"], capsys)
+    assert "vae-drl" in err and "reg-drl" in err
+
+
+def test_missing_data_root_is_one_line_without_traceback(tmp_path, capsys):
+    err = expect_cli_error(["fit", "--config", "configs/cifar10.yaml", f"--data.root={tmp_path / 'nowhere'}",
+                            "--trainer.max_steps=1"], capsys)
+    assert "Traceback" not in err
+    assert "download: true" in err and "nowhere" in err
+
+
+def test_negative_widen_factor_is_a_clear_error(capsys):
+    err = expect_cli_error(["fit", "--config", QUICKSTART, "--model.widen_factor=-1", "--trainer.max_steps=1"], capsys)
+    assert "widen_factor must be >= 0" in err and "Traceback" not in err
+
+
+def test_python_dash_m_trajrep_runs():
+    result = subprocess.run([sys.executable, "-m", "trajrep", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "fit" in result.stdout

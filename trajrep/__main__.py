@@ -1,0 +1,3 @@
+from trajrep.cli import main
+
+main()

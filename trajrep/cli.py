@@ -1,0 +1,87 @@
+"""The `trajrep` command: LightningCLI over every trajrep module and datamodule, referred to by short class names."""
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+# Imported so that configs can name the classes by short name (class_path: SyntheticShapes).
+from trajrep.callbacks import EMA  # noqa: F401
+from trajrep.data import CIFAR10, CIFAR100, FashionMNIST, ImageDataModule, ImageFolder, SyntheticShapes  # noqa: F401
+from trajrep.data.representations import RepresentationDataModule  # noqa: F401
+from trajrep.errors import TrajrepError, user_error
+from trajrep.extract import extract_representations, load_pretrained_weights
+from trajrep.pretrain import PretrainModule
+from trajrep.timegrid import build_time_grid
+
+DEBUG_ENV = "TRAJREP_DEBUG"
+
+
+def channels_of(image_shape: tuple[int, int, int]) -> int:
+    return image_shape[0]
+
+
+def size_of(image_shape: tuple[int, int, int]) -> int:
+    return image_shape[-1]
+
+
+class TrajrepTrainer(Trainer):
+    """Lightning's Trainer plus `extract`, so the representation cache is one more CLI subcommand."""
+
+    def extract(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        times: list[float] | None = None,
+        granularities: list[int] | None = None,
+        ema: bool = False,
+        dtype: Literal["float16", "float32"] = "float32",
+        cache_dir: str = "cache",
+        batch_size: int = 64,
+        recompute: bool = False,
+    ) -> Path:
+        """Compute E(x0, t) on a time grid for the train and test images once and keep it on disk."""
+        if not isinstance(model, PretrainModule) or not isinstance(datamodule, ImageDataModule):
+            raise TrajrepError("extract needs a pretraining config: a PretrainModule model and an image datamodule "
+                               "(e.g. --config configs/quickstart.yaml)")
+        if ckpt_path is None:
+            raise TrajrepError("extract needs --ckpt_path, the checkpoint written by `trajrep fit`")
+        load_pretrained_weights(model, ckpt_path, ema)
+        return extract_representations(self, model, datamodule, build_time_grid(times, granularities), ema, dtype,
+                                       cache_dir, batch_size=batch_size, recompute=recompute, checkpoint=ckpt_path)
+
+
+class TrajrepCLI(LightningCLI):
+    """Links sizes from the datamodule to the model at instantiation, so configs never repeat them."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # A link whose target the chosen model lacks is skipped, so one CLI serves pretraining and probing.
+        parser.link_arguments("data.image_shape", "model.init_args.image_channels", compute_fn=channels_of,
+                              apply_on="instantiate")
+        parser.link_arguments("data.image_shape", "model.init_args.image_size", compute_fn=size_of,
+                              apply_on="instantiate")
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the console script; `args` lets tests run it in process.
+
+    User-fixable problems (TrajrepError) end with one line on stderr and exit code 2; set TRAJREP_DEBUG=1 for the
+    traceback.
+    """
+    try:
+        TrajrepCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                   trainer_class=TrajrepTrainer, args=args, save_config_kwargs={"overwrite": True})
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None or os.environ.get(DEBUG_ENV):
+            raise
+        print(f"trajrep: error: {cause}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,123 @@
+"""ImageDataModule: what every image dataset gives the rest of trajrep.
+
+Datasets serve uint8 images already at their final size; conversion to float and per-channel standardisation
+happen after the batch reaches the device (`normalize`), so loaders stay cheap and the same images can be normalised
+identically by pretraining and by representation extraction.
+"""
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from trajrep.errors import TrajrepError
+
+# Bump when the images a dataset produces change for the same settings, so that caches keyed by `identity` go stale.
+DATA_FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+
+
+class ImageDataModule(LightningDataModule, ABC):
+    """Base of the image datamodules: official train/test splits of (uint8 image, long label) items.
+
+    Subclasses describe their data in `__init__` (shape, classes, normalisation) without reading it, check that the
+    files are there, call `self.save_hyperparameters()`, and load a split in `_load`.
+    """
+
+    def __init__(self, batch_size: int = 100, num_workers: int = 0, drop_last: bool = True) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise TrajrepError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise TrajrepError(f"num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
+        self._datasets: dict[str, Dataset] = {}
+
+    @property
+    @abstractmethod
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the loaders yield."""
+
+    @property
+    @abstractmethod
+    def num_classes(self) -> list[int]:
+        """Number of classes of each task, in the order of the label columns."""
+
+    @property
+    def task_names(self) -> list[str]:
+        return ["class"]
+
+    @property
+    def mean(self) -> tuple[float, ...] | None:
+        """Per-channel mean subtracted by `normalize`; None leaves images in [0, 1]."""
+        return None
+
+    @property
+    def std(self) -> tuple[float, ...] | None:
+        return None
+
+    @abstractmethod
+    def _identity_params(self) -> dict[str, Any]:
+        """The settings, besides shape and normalisation, that change which images or labels are served."""
+
+    @abstractmethod
+    def _load(self, split: str) -> Dataset:
+        """Read one official split; called once per split."""
+
+    def identity(self) -> dict[str, Any]:
+        """JSON-serialisable description of the data and its transform, part of the representation cache key."""
+        cls = type(self)
+        return {
+            "dataset": f"{cls.__module__}.{cls.__qualname__}",
+            "data_format_version": DATA_FORMAT_VERSION,
+            "image_shape": list(self.image_shape),
+            "num_classes": list(self.num_classes),
+            "task_names": list(self.task_names),
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+            **self._identity_params(),
+        }
+
+    def dataset(self, split: str) -> Dataset:
+        """The official `split` ("train" or "test"), loaded on first request and kept."""
+        if split not in SPLITS:
+            raise TrajrepError(f"unknown split {split!r}; image datasets have the splits {list(SPLITS)}")
+        if split not in self._datasets:
+            self._datasets[split] = self._load(split)
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          drop_last=drop_last, num_workers=workers, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        size, batch_size = len(self.dataset("train")), self.hparams.batch_size
+        if size == 0:
+            raise TrajrepError(f"the training split of {type(self).__name__} is empty; check the dataset settings")
+        if self.hparams.drop_last and batch_size > size:
+            raise TrajrepError(f"batch_size {batch_size} is larger than the {size} training images, so drop_last "
+                               "would leave no batch; lower batch_size or set drop_last: false")
+        return self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, drop_last=False)
+
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 images (..., C, H, W) -> float32 in [0, 1], standardised per channel when the dataset says so."""
+        if images_uint8.dtype != torch.uint8:
+            raise TypeError(f"normalize expects uint8 images, got {images_uint8.dtype} (normalised twice?)")
+        images = images_uint8.float() / 255.0
+        if self.mean is None or self.std is None:
+            return images
+        mean = torch.tensor(self.mean, device=images.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
+        return (images - mean) / std
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        return self.normalize(images), labels

@@ -1,0 +1,118 @@
+"""CIFAR-10 and CIFAR-100 from torchvision's folder format, held in memory as one uint8 tensor per split.
+
+Converting the split once avoids a PIL round trip per image, which would dominate the cost of small models.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch.utils.data import Dataset, TensorDataset
+
+from trajrep.data.base import ImageDataModule
+from trajrep.errors import TrajrepError
+
+
+@dataclass(frozen=True)
+class CIFARVariant:
+    """What differs between CIFAR-10 and CIFAR-100: torchvision's reader, class count and SPEC §5 statistics."""
+
+    name: str
+    reader: type[torchvision.datasets.CIFAR10]
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def file_names(self) -> list[str]:
+        return [name for name, _ in self.reader.train_list + self.reader.test_list] + [self.reader.meta["filename"]]
+
+
+CIFAR10_VARIANT = CIFARVariant("CIFAR-10", torchvision.datasets.CIFAR10, 10,
+                               (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_VARIANT = CIFARVariant("CIFAR-100", torchvision.datasets.CIFAR100, 100,
+                                (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+
+
+class CIFARDataModule(ImageDataModule):
+    """3x32x32 CIFAR images standardised per channel; `root` holds torchvision's extracted folder."""
+
+    def __init__(self, variant: CIFARVariant, root: str, download: bool, batch_size: int, num_workers: int,
+                 drop_last: bool) -> None:
+        super().__init__(batch_size, num_workers, drop_last)
+        self._variant = variant
+        self._root = Path(root).resolve()
+        if not download:
+            self._check_files()
+        # Records the calling subclass's arguments too (root, download, batch_size, ...), not the variant object.
+        self.save_hyperparameters(ignore=["variant"])
+
+    @property
+    def _folder(self) -> Path:
+        return self._root / self._variant.reader.base_folder
+
+    def _check_files(self) -> None:
+        missing = [name for name in self._variant.file_names if not (self._folder / name).is_file()]
+        if missing:
+            raise TrajrepError(f"{self._variant.name} not found: expected torchvision's python-format files in "
+                               f"{self._folder} (missing {', '.join(missing)}). Set `download: true` to fetch them "
+                               "(needs internet), or place the extracted torchvision-format folder there")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, 32, 32)
+
+    @property
+    def num_classes(self) -> list[int]:
+        return [self._variant.num_classes]
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self._variant.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._variant.std
+
+    def _identity_params(self) -> dict[str, Any]:
+        return {"root": str(self._root)}
+
+    def _read(self, train: bool) -> torchvision.datasets.CIFAR10:
+        try:
+            return self._variant.reader(str(self._root), train=train, download=self.hparams.download)
+        except RuntimeError as error:
+            raise TrajrepError(f"{self._variant.name} files in {self._folder} are missing or fail their checksum "
+                               f"({error}); delete the folder and set `download: true` (needs internet), or copy "
+                               "the torchvision-format files again") from error
+        except OSError as error:
+            raise TrajrepError(f"downloading {self._variant.name} into {self._root} failed ({error}); "
+                               "`download: true` needs internet, otherwise place the torchvision-format files in "
+                               f"{self._folder}") from error
+
+    def prepare_data(self) -> None:
+        """Download on one process before the others read the files (only with `download: true`)."""
+        if self.hparams.download:
+            self._read(train=True)
+
+    def _load(self, split: str) -> Dataset:
+        raw = self._read(train=split == "train")
+        images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, uint8
+        return TensorDataset(images, torch.tensor(raw.targets, dtype=torch.long))
+
+
+class CIFAR10(CIFARDataModule):
+    """CIFAR-10: 10 classes, 50k / 10k, standardised with the SPEC §5 statistics."""
+
+    def __init__(self, root: str = "data/cifar10", download: bool = False, batch_size: int = 100,
+                 num_workers: int = 0, drop_last: bool = True) -> None:
+        super().__init__(CIFAR10_VARIANT, root, download, batch_size, num_workers, drop_last)
+
+
+class CIFAR100(CIFARDataModule):
+    """CIFAR-100 (fine labels): 100 classes, 50k / 10k, standardised with the SPEC §5 statistics."""
+
+    def __init__(self, root: str = "data/cifar100", download: bool = False, batch_size: int = 100,
+                 num_workers: int = 0, drop_last: bool = True) -> None:
+        super().__init__(CIFAR100_VARIANT, root, download, batch_size, num_workers, drop_last)

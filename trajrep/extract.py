@@ -1,0 +1,219 @@
+"""Extraction: E(x0, t) for every image and every grid time, written into a representation cache.
+
+Runs Lightning's predict loop, so progress bars, devices and DDP come from the Trainer. All times of a batch go
+through the encoder in one pass. Under DDP each rank takes whole batches of the single-process order, so every
+batch has the same content on any number of processes and the cache is the same bit for bit.
+"""
+
+import inspect
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from trajrep.data.base import ImageDataModule
+from trajrep.data.cache import (CacheWriter, RepresentationCache, cache_key, cache_lock, tensor_digest)
+from trajrep.errors import TrajrepError
+from trajrep.pretrain import PretrainModule
+
+SPLITS = ("train", "test")
+
+
+class IndexedDataset(Dataset):
+    """Yields (row index, image, label), so writers know where each result belongs."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        image, label = self.dataset[index]
+        return index, image, label
+
+
+class WholeBatchSampler(DistributedSampler):
+    """Rank r takes batches b = r, r + W, ... of the sequential order, each batch whole.
+
+    Unlike DistributedSampler's interleaving this never pads or duplicates, and a batch holds the same images
+    whatever the number of processes, which keeps the numerics identical to a single-process run.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        starts = range(rank * batch_size, len(dataset), num_replicas * batch_size)
+        self.indices = [i for start in starts for i in range(start, min(start + batch_size, len(dataset)))]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ExtractionData(pl.LightningDataModule):
+    """Predict-time view of an image datamodule: the requested splits, indexed, normalised on transfer."""
+
+    def __init__(self, images: ImageDataModule, splits: tuple[str, ...], batch_size: int) -> None:
+        super().__init__()
+        self.images = images
+        self.splits = splits
+        self.batch_size = batch_size
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        loaders = []
+        for split in self.splits:
+            dataset = IndexedDataset(self.images.dataset(split))
+            sampler = WholeBatchSampler(dataset, self.batch_size, self.trainer.world_size, self.trainer.global_rank)
+            loaders.append(DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                      num_workers=self.images.hparams.get("num_workers", 0)))
+        return loaders
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        index, images, labels = batch
+        return index, self.images.normalize(images), labels
+
+
+class Extractor(pl.LightningModule):
+    """Predict-loop module holding only the encoder: (index, x0, y) -> (index, E(x0, t) for all t, y)."""
+
+    def __init__(self, pretrained: PretrainModule, times: list[float]) -> None:
+        super().__init__()
+        self.encoder = pretrained.encoder
+        self.register_buffer("log_sigmas", pretrained.sde.log_sigma(torch.tensor(times, dtype=torch.float32)))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        """(B, T, d): every image at every time, in one encoder pass over B * T inputs."""
+        batch, num_times = x0.shape[0], self.log_sigmas.numel()
+        inputs = x0.unsqueeze(1).expand(batch, num_times, *x0.shape[1:]).reshape(batch * num_times, *x0.shape[1:])
+        reps = self.encoder.representation(inputs, self.log_sigmas.repeat(batch))
+        return reps.view(batch, num_times, -1)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        index, x0, labels = batch
+        return index, self(x0), labels
+
+
+class CacheRowWriter(BasePredictionWriter):
+    """Writes each predicted batch into the cache arrays; rank 0 allocates before and finalises after."""
+
+    def __init__(self, writer: CacheWriter, splits: tuple[str, ...]) -> None:
+        super().__init__(write_interval="batch")
+        self.writer = writer
+        self.splits = splits
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.writer.allocate()
+        trainer.strategy.barrier("cache-allocated")
+        self.writer.open()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        index, reps, labels = prediction
+        self.writer.write(self.splits[dataloader_idx], index.cpu().numpy(),
+                          reps.float().cpu().numpy().astype(self.writer.dtype), labels.cpu().numpy())
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.barrier("cache-written")
+        if trainer.is_global_zero:
+            self.writer.finalize()
+        trainer.strategy.barrier("cache-finalized")
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """A training checkpoint, loaded safely (weights_only: no pickle code runs)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise TrajrepError(f"checkpoint {path} does not exist; give the .ckpt written by `trajrep fit` "
+                           "(e.g. runs/quickstart/checkpoints/last.ckpt)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_pretrained_weights(model: PretrainModule, ckpt_path: str | Path, ema: bool,
+                            checkpoint: dict | None = None) -> None:
+    """Load raw (the paper's choice) or EMA weights of a training checkpoint into `model`."""
+    checkpoint = read_checkpoint(ckpt_path) if checkpoint is None else checkpoint
+    has_raw = "current_model_state" in checkpoint
+    if ema and not has_raw:
+        raise TrajrepError(f"checkpoint {ckpt_path} was written without EMAWeightAveraging, so it has no EMA "
+                           "weights; use ema: false")
+    state = checkpoint["state_dict"] if ema or not has_raw else checkpoint["current_model_state"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        lines = str(error).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise TrajrepError(f"checkpoint {ckpt_path} does not match the model in the config ({detail}); use the "
+                           "config the checkpoint was trained with") from None
+
+
+def load_pretrained_model(ckpt_path: str | Path, ema: bool) -> PretrainModule:
+    """Rebuild the PretrainModule a checkpoint was trained as, from its saved hyperparameters, and load it."""
+    checkpoint = read_checkpoint(ckpt_path)
+    accepted = inspect.signature(PretrainModule).parameters
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
+    model = PretrainModule(**hparams)
+    load_pretrained_weights(model, ckpt_path, ema, checkpoint)
+    return model.eval()
+
+
+def extraction_identity(model: PretrainModule, images: ImageDataModule, times: list[float], ema: bool,
+                        dtype: str, splits: tuple[str, ...]) -> dict:
+    """Everything that determines a cache's content; its hash is the cache key."""
+    return {
+        "weights_sha256": tensor_digest(model.encoder.state_dict()),
+        "weights": "ema" if ema else "raw",
+        "representation": "posterior-mean" if model.encoder.probabilistic else "feature",
+        "sde": {"sigma_min": model.sde.sigma_min, "sigma_max": model.sde.sigma_max},
+        "times": times,
+        "dtype": dtype,
+        "splits": list(splits),
+        "dataset": images.identity(),
+    }
+
+
+def extract_representations(trainer: pl.Trainer, model: PretrainModule, images: ImageDataModule,
+                            times: list[float], ema: bool, dtype: str, cache_dir: str | Path,
+                            splits: tuple[str, ...] = SPLITS, batch_size: int = 64, recompute: bool = False,
+                            checkpoint: str | None = None) -> Path:
+    """Build (or reuse) the cache for `model`'s encoder, already loaded with the weights to extract."""
+    for split in splits:
+        if split not in SPLITS:
+            raise TrajrepError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    identity = extraction_identity(model, images, times, ema, dtype, splits)
+    key = cache_key(identity)
+    cache_dir = Path(cache_dir)
+    path = cache_dir / key
+    # Only rank 0 locks: under DDP the other ranks exist only once rank 0, holding the lock, has started predict.
+    with cache_lock(cache_dir, key) if trainer.global_rank == 0 else nullcontext():
+        if path.exists() and not recompute:
+            RepresentationCache(path)
+            rank_zero_info(f"Reusing representation cache {path}")
+            return path
+        sizes = {split: len(images.dataset(split)) for split in splits}
+        label_shapes = {split: tuple(images.dataset(split)[0][1].shape) for split in splits}
+        writer = CacheWriter(path, {**identity, "key": key, "checkpoint": checkpoint,
+                                    "sigmas": [math.exp(v) for v in model.sde.log_sigma(torch.tensor(times)).tolist()]},
+                             sizes, label_shapes, times, model.latent_dim, dtype)
+        row_writer = CacheRowWriter(writer, splits)
+        trainer.callbacks.append(row_writer)
+        start = time.perf_counter()
+        try:
+            trainer.predict(Extractor(model, times), datamodule=ExtractionData(images, splits, batch_size),
+                            return_predictions=False)
+        finally:
+            trainer.callbacks.remove(row_writer)
+        seconds = time.perf_counter() - start
+        rank_zero_info(f"Extracted {sum(sizes.values())} images x {len(times)} times in {seconds:.1f} s "
+                       f"({sum(sizes.values()) * len(times) / seconds:.0f} images x t / s) -> {path}")
+        return path

@@ -1,0 +1,325 @@
+"""Grouped (stacked-weight) building blocks: G independent small models trained as one module.
+
+A probe grid (lr x seed, or one MLP per t) is overhead-bound when its members train one by one. Here every
+parameter carries a leading member dimension G and the forward pass uses batched matmuls, so the whole grid is
+one module. Inputs are shaped (G, B, ...): member g sees its own batch. Members never mix: the loss to
+backpropagate is the SUM of the per-member losses, so member g's gradient is exactly what it would be alone.
+
+Initialisation draws member g's parameters from its own generator (`member_generators(seeds)`), in the same
+order and shapes as the matching torch module, so a member's init depends on its seed only, not on G.
+`GroupedAdam` and `grouped_clip_grad_norm_` make per-member learning rates and per-member gradient clipping
+exact (Lightning's `gradient_clip_val` would clip all members together).
+"""
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Generators = Sequence[torch.Generator] | None
+
+
+def member_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per member; drawing from generator g equals drawing after `torch.manual_seed(seeds[g])`."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+def _generator(generators: Generators, g: int) -> torch.Generator | None:
+    return None if generators is None else generators[g]
+
+
+def _check_generators(num_members: int, generators: Generators) -> None:
+    if generators is not None and len(generators) != num_members:
+        raise ValueError(f"need one generator per member: {num_members} members, {len(generators)} generators")
+
+
+def member_view(values: Tensor, like: Tensor) -> Tensor:
+    """Reshape a (G,) tensor so that it broadcasts over a (G, ...) tensor."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _flatten_members(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """(G, ..., in) -> (G, N, in) for one batched matmul, plus the middle shape to restore."""
+    return x.reshape(x.shape[0], -1, x.shape[-1]), tuple(x.shape[1:-1])
+
+
+def linear_init(in_features: int, out_features: int,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """nn.Linear's init (kaiming-uniform a=sqrt(5), bias +-1/sqrt(in)) in its draw order, from `generator`."""
+    weight = torch.empty(out_features, in_features)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0
+    return weight, torch.empty(out_features).uniform_(-bound, bound, generator=generator)
+
+
+class GroupedLinear(nn.Module):
+    """G independent nn.Linear layers: weight (G, in, out), bias (G, out); (G, ..., in) -> (G, ..., out)."""
+
+    def __init__(self, num_members: int, in_features: int, out_features: int,
+                 generators: Generators = None) -> None:
+        super().__init__()
+        _check_generators(num_members, generators)
+        self.num_members, self.in_features, self.out_features = num_members, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_members, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(num_members, out_features))
+        with torch.no_grad():
+            for g in range(num_members):
+                weight, bias = linear_init(in_features, out_features, _generator(generators, g))
+                self.weight[g].copy_(weight.T)
+                self.bias[g].copy_(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat, middle = _flatten_members(x)
+        out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight)
+        return out.view(self.num_members, *middle, self.out_features)
+
+    @torch.no_grad()
+    def load_linear(self, g: int, linear: nn.Linear) -> None:
+        """Overwrite member g with the weights of a plain nn.Linear."""
+        self.weight[g].copy_(linear.weight.T)
+        self.bias[g].copy_(linear.bias)
+
+    @torch.no_grad()
+    def to_linear(self, g: int) -> nn.Linear:
+        """Member g as a plain nn.Linear (a copy), on the same device and dtype."""
+        linear = nn.Linear(self.in_features, self.out_features, device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.copy_(self.weight[g].T)
+        linear.bias.copy_(self.bias[g])
+        return linear
+
+
+class GroupedGRUCell(nn.Module):
+    """G independent nn.GRUCell, written with batched matmuls (vmap does not support nn.GRU).
+
+    Same equations, gate order (r, z, n) and init as torch: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),
+    h' = (1 - z) * n + z * h. Weights are stored transposed for bmm: weight_ih (G, in, 3H), weight_hh (G, H, 3H).
+    """
+
+    def __init__(self, num_members: int, input_size: int, hidden_size: int, generators: Generators = None) -> None:
+        super().__init__()
+        _check_generators(num_members, generators)
+        self.num_members, self.input_size, self.hidden_size = num_members, input_size, hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(num_members, input_size, 3 * hidden_size))
+        self.weight_hh = nn.Parameter(torch.empty(num_members, hidden_size, 3 * hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(num_members, 3 * hidden_size))
+        self.bias_hh = nn.Parameter(torch.empty(num_members, 3 * hidden_size))
+        bound = 1 / math.sqrt(hidden_size)
+        with torch.no_grad():
+            for g in range(num_members):
+                generator = _generator(generators, g)
+                # nn.GRUCell draws weight_ih, weight_hh, bias_ih, bias_hh in this order, in (3H, ...) layout;
+                # .t() is a no-op on the 1-d biases.
+                for param in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
+                    draw = torch.empty(param.shape[1:][::-1]).uniform_(-bound, bound, generator=generator)
+                    param[g].copy_(draw.t())
+
+    def project_input(self, x: Tensor) -> Tensor:
+        """W_i x + b_i for (G, ..., in) inputs; done once for a whole sequence, outside the recurrence."""
+        flat, middle = _flatten_members(x)
+        out = torch.baddbmm(self.bias_ih.unsqueeze(1), flat, self.weight_ih)
+        return out.view(self.num_members, *middle, 3 * self.hidden_size)
+
+    def recur(self, input_gates: Tensor, h: Tensor) -> Tensor:
+        """One step from precomputed input gates (G, B, 3H) and the hidden state (G, B, H)."""
+        hidden_gates = torch.baddbmm(self.bias_hh.unsqueeze(1), h, self.weight_hh)
+        i_r, i_z, i_n = input_gates.chunk(3, dim=-1)
+        h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return self.recur(self.project_input(x), h)
+
+    @torch.no_grad()
+    def load_gru_cell(self, g: int, cell: nn.GRUCell) -> None:
+        """Overwrite member g with the weights of a plain nn.GRUCell."""
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(self, name)[g].copy_(getattr(cell, name).t())
+
+    @torch.no_grad()
+    def to_gru_cell(self, g: int) -> nn.GRUCell:
+        """Member g as a plain nn.GRUCell (a copy)."""
+        cell = nn.GRUCell(self.input_size, self.hidden_size, device=self.weight_ih.device, dtype=self.weight_ih.dtype)
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(self, name)[g].t())
+        return cell
+
+
+class GroupedLayerNorm(nn.Module):
+    """LayerNorm over the last dim with per-member affine parameters (G, dim), initialised to 1 and 0."""
+
+    def __init__(self, num_members: int, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(num_members, dim))
+        self.bias = nn.Parameter(torch.zeros(num_members, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (x.shape[0], *([1] * (x.dim() - 2)), self.dim)
+        return F.layer_norm(x, (self.dim,), eps=self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class GroupedMLP(nn.Module):
+    """Linear -> ReLU -> Dropout -> Linear per member; dropout masks are independent across members."""
+
+    def __init__(self, num_members: int, in_features: int, hidden_features: int, out_features: int,
+                 dropout: float = 0.0, generators: Generators = None) -> None:
+        super().__init__()
+        self.fc1 = GroupedLinear(num_members, in_features, hidden_features, generators)
+        self.fc2 = GroupedLinear(num_members, hidden_features, out_features, generators)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.dropout(F.relu(self.fc1(x)), self.dropout, self.training))
+
+
+def _expand_key_mask(key_mask: Tensor) -> Tensor:
+    """(L,), (B, L) or (G, B, L) -> (G|1, B|1, 1, 1, L), to broadcast over (G, B, heads, queries, keys)."""
+    while key_mask.dim() < 3:
+        key_mask = key_mask.unsqueeze(0)
+    return key_mask[:, :, None, None, :]
+
+
+class GroupedMultiheadSelfAttention(nn.Module):
+    """Multi-head self-attention per member, no attention dropout; q, k, v and output as separate linears.
+
+    `key_mask` (bool, True = excluded) of shape (L,), (B, L) or (G, B, L) removes keys from every query's
+    softmax, so they get exactly zero weight (masking all keys of a query gives NaN, as in torch).
+    """
+
+    def __init__(self, num_members: int, d_model: int, num_heads: int, generators: Generators = None) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.query = GroupedLinear(num_members, d_model, d_model, generators)
+        self.key = GroupedLinear(num_members, d_model, d_model, generators)
+        self.value = GroupedLinear(num_members, d_model, d_model, generators)
+        self.out = GroupedLinear(num_members, d_model, d_model, generators)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(G, B, L, D) -> (G, B, heads, L, head_dim)."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(G, B, L, D) -> (output (G, B, L, D), head-averaged weights (G, B, L, L) or None)."""
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        mask = None if key_mask is None else _expand_key_mask(key_mask.to(torch.bool))
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            attended, averaged = weights @ v, weights.mean(dim=2)
+        else:
+            # The fused kernels avoid materialising the (G, B, heads, L, L) scores in training; they want 4-d inputs.
+            keep = None if mask is None else (~mask).expand(*q.shape[:2], 1, 1, -1).flatten(0, 1)
+            attended = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                                      attn_mask=keep).unflatten(0, q.shape[:2])
+            averaged = None
+        return self.out(attended.transpose(-3, -2).flatten(-2)), averaged
+
+
+class GroupedTransformerBlock(nn.Module):
+    """Post-norm encoder block per member: x = LN(x + attn(x)); x = LN(x + FFN(x)).
+
+    FFN = Linear(D, ffn_dim) -> ReLU -> Dropout -> Linear(ffn_dim, D) -> Dropout, as in the original probe code.
+    """
+
+    def __init__(self, num_members: int, d_model: int = 256, num_heads: int = 4, ffn_dim: int = 512,
+                 dropout: float = 0.25, generators: Generators = None) -> None:
+        super().__init__()
+        self.attention = GroupedMultiheadSelfAttention(num_members, d_model, num_heads, generators)
+        self.ffn = GroupedMLP(num_members, d_model, ffn_dim, d_model, dropout, generators)
+        self.norm1 = GroupedLayerNorm(num_members, d_model)
+        self.norm2 = GroupedLayerNorm(num_members, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(G, B, L, D) -> (G, B, L, D) and the head-averaged attention weights (G, B, L, L) when asked."""
+        attended, weights = self.attention(x, key_mask, need_weights)
+        x = self.norm1(x + attended)
+        x = self.norm2(x + F.dropout(self.ffn(x), self.dropout, self.training))
+        return x, weights
+
+
+def _grouped(params: Iterable[Tensor], num_members: int) -> list[Tensor]:
+    params = list(params)
+    for p in params:
+        if p.dim() == 0 or p.shape[0] != num_members:
+            raise ValueError(f"every parameter needs a leading member dim of {num_members}, got shape {tuple(p.shape)}")
+    return params
+
+
+@torch.no_grad()
+def grouped_clip_grad_norm_(params: Iterable[Tensor], max_norm: float, num_members: int) -> Tensor:
+    """torch.nn.utils.clip_grad_norm_ applied to each member separately; returns the (G,) pre-clip norms.
+
+    Member g's norm is taken over its slices of all parameters (its own global norm), with torch's formula:
+    grads *= min(1, max_norm / (norm + 1e-6)).
+    """
+    grads = [p.grad for p in _grouped(params, num_members) if p.grad is not None]
+    if not grads:
+        return torch.zeros(num_members)
+    norms = torch.stack([grad.reshape(num_members, -1).norm(dim=1) for grad in grads]).norm(dim=0)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(member_view(scale, grad).to(grad.dtype))
+    return norms
+
+
+class GroupedAdam(torch.optim.Optimizer):
+    """torch.optim.Adam (L2 weight decay, not AdamW) with a learning rate per member: `lr` has shape (G,).
+
+    Exact per member: the weight decay term wd * p enters the gradient before the moments, the moments are
+    elementwise, and the update lr * m_hat / (sqrt(v_hat) + eps) is linear in lr, so scaling each member's slice
+    of the update by its own lr gives every member exactly torch.optim.Adam(lr=lr[g], weight_decay=wd).
+    Every parameter must carry the leading member dim G.
+    """
+
+    def __init__(self, params: Iterable[Tensor], lr: Sequence[float] | Tensor,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        params = list(params)
+        lr = torch.as_tensor(lr, dtype=torch.float64).flatten()
+        if (lr < 0).any():
+            raise ValueError(f"learning rates must be >= 0, got {lr.tolist()}")
+        _grouped(params, lr.numel())
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, beta1, beta2)
+        return loss
+
+    def _update(self, p: Tensor, group: dict, beta1: float, beta2: float) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        grad = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        state["step"] += 1
+        bias_correction1 = 1 - beta1 ** state["step"]
+        bias_correction2 = 1 - beta2 ** state["step"]
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+        if group["lr"].device != p.device:  # move once: a host copy every step would stall the GPU stream
+            group["lr"] = group["lr"].to(p.device)
+        step_size = (group["lr"] / bias_correction1).to(p.dtype)
+        p.sub_(member_view(step_size, p) * exp_avg / denom)

@@ -1,0 +1,316 @@
+"""Probe heads (SPEC §7) over cached representations, each a grid of G members trained as one module.
+
+Every head maps x of shape (G, B, T, d) - member g's own batch over the T cached times - to logits
+(G, B, sum(num_classes)); a (B, T, d) batch is shared by all members (evaluation). Member g is initialised from
+`seeds[g]` alone, so the grid (lr x seed, or lr x seed x t for the per-t MLP) is G independent probes.
+Train with `per_member_loss(...).sum()`, `clip_grad_norm_per_member_` and `GroupedAdam`.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trajrep.diffusion import VESDE
+from trajrep.errors import TrajrepError
+from trajrep.nn.embedding import GaussianFourierFeatures
+from trajrep.nn.grouped import (GroupedGRUCell, GroupedLinear, GroupedMLP, GroupedTransformerBlock,
+                                grouped_clip_grad_norm_, member_generators)
+
+
+def split_logits(logits: Tensor, num_classes: Sequence[int]) -> list[Tensor]:
+    """Per-task views of multi-task logits (..., sum(num_classes)); a task of width 1 is one binary logit."""
+    return list(logits.split(list(num_classes), dim=-1))
+
+
+def _task_labels(labels: Tensor, logits: Tensor, num_tasks: int) -> list[Tensor]:
+    """Labels (G, B) for one task or (G, B, K) for K tasks -> K tensors (G, B)."""
+    if labels.dim() == logits.dim() - 1:
+        labels = labels.unsqueeze(-1)
+    if labels.shape[:-1] != logits.shape[:-1] or labels.shape[-1] != num_tasks:
+        raise ValueError(f"labels {tuple(labels.shape)} do not fit logits {tuple(logits.shape)} with {num_tasks} tasks")
+    return list(labels.unbind(-1))
+
+
+def per_member_loss(logits: Tensor, labels: Tensor, num_classes: Sequence[int]) -> Tensor:
+    """Sum over tasks of the batch-mean loss, per member: (G,). Backpropagate its SUM, so members stay independent.
+
+    Softmax cross-entropy per task; a task with one logit (a binary attribute) uses the logistic loss.
+    """
+    total = logits.new_zeros(logits.shape[0])
+    for task_logits, task_labels in zip(split_logits(logits, num_classes),
+                                        _task_labels(labels, logits, len(num_classes))):
+        if task_logits.shape[-1] == 1:
+            losses = F.binary_cross_entropy_with_logits(task_logits.squeeze(-1), task_labels.to(task_logits.dtype),
+                                                        reduction="none")
+        else:
+            losses = F.cross_entropy(task_logits.flatten(0, -2), task_labels.flatten().long(),
+                                     reduction="none").view(task_labels.shape)
+        total = total + losses.flatten(1).mean(dim=1)
+    return total
+
+
+def task_predictions(logits: Tensor, num_classes: Sequence[int]) -> Tensor:
+    """Predicted label per task, (G, B, K): argmax per task, or logit > 0 for a one-logit task."""
+    return torch.stack([part.squeeze(-1).gt(0).long() if part.shape[-1] == 1 else part.argmax(dim=-1)
+                        for part in split_logits(logits, num_classes)], dim=-1)
+
+
+def clip_grad_norm_per_member_(module: "ProbeHead", max_norm: float) -> Tensor:
+    """Clip each member's gradient to `max_norm` over all its parameter slices; returns the (G,) norms."""
+    return grouped_clip_grad_norm_(module.parameters(), max_norm, module.num_members)
+
+
+def random_time_subset(num_times: int, size: int | None = None,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """Sorted indices of a random subset of the cached times (size uniform in 1..num_times unless given).
+
+    For training the continuous head on varying time sets; all members share the subset of a batch.
+    """
+    if size is None:
+        size = int(torch.randint(1, num_times + 1, (), generator=generator))
+    if not 1 <= size <= num_times:
+        raise ValueError(f"subset size must be in 1..{num_times}, got {size}")
+    return torch.randperm(num_times, generator=generator)[:size].sort().values
+
+
+def sinusoidal_encoding(length: int, dim: int) -> Tensor:
+    """Standard sin/cos positional code by sequence index: (length, dim)."""
+    position = torch.arange(length, dtype=torch.float64).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    code = torch.zeros(length, dim, dtype=torch.float64)
+    code[:, 0::2] = torch.sin(position * frequency)
+    code[:, 1::2] = torch.cos(position * frequency)[:, : dim // 2]
+    return code.to(torch.get_default_dtype())
+
+
+class ProbeHead(nn.Module):
+    """Common arguments and input handling of the heads: (G, B, T, d) [+ t (T,)] -> logits (G, B, C_total)."""
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int]) -> None:
+        super().__init__()
+        if len(seeds) != num_members:
+            raise TrajrepError(f"need one seed per probe member: num_members={num_members}, got {len(seeds)} seeds")
+        if not num_classes or min(num_classes) < 1:
+            raise TrajrepError(f"num_classes must list at least one task with >= 1 class, got {list(num_classes)}")
+        self.num_members, self.feature_dim, self.num_times = num_members, feature_dim, num_times
+        self.num_classes, self.seeds = [int(c) for c in num_classes], [int(s) for s in seeds]
+
+    @property
+    def total_classes(self) -> int:
+        return sum(self.num_classes)
+
+    def member_batches(self, x: Tensor, fixed_times: bool = True) -> Tensor:
+        """Check x and give it the member dim: a shared (B, T, d) batch is broadcast to every member."""
+        if x.dim() == 3:
+            x = x.unsqueeze(0).expand(self.num_members, *x.shape)
+        if x.dim() != 4 or x.shape[0] != self.num_members or x.shape[-1] != self.feature_dim:
+            raise ValueError(f"expected representations (G={self.num_members}, B, T, d={self.feature_dim}) "
+                             f"or (B, T, d), got {tuple(x.shape)}")
+        if fixed_times and x.shape[2] != self.num_times:
+            raise TrajrepError(f"{type(self).__name__} was built for {self.num_times} times but got "
+                               f"{x.shape[2]}; rebuild it for this time grid")
+        return x
+
+
+class MLPHead(ProbeHead):
+    """Linear(d, 512) -> ReLU -> Dropout -> Linear(512, C) on ONE time per member: member g reads time_index[g].
+
+    The per-t grid puts the time index into the members (11 t x 30 lr-seed pairs = 330 members); without
+    time_index every member reads the only time (num_times must be 1).
+    """
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], *, time_index: Sequence[int] | None = None, hidden_dim: int = 512,
+                 dropout: float = 0.25) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
+        if time_index is None:
+            if num_times != 1:
+                raise TrajrepError(f"the mlp head over {num_times} times needs time_index (one time per member)")
+            time_index = [0] * num_members
+        if len(time_index) != num_members or not all(0 <= i < num_times for i in time_index):
+            raise TrajrepError(f"time_index needs {num_members} entries in 0..{num_times - 1}, got {list(time_index)}")
+        self.register_buffer("time_index", torch.as_tensor(time_index, dtype=torch.long), persistent=False)
+        self.mlp = GroupedMLP(num_members, feature_dim, hidden_dim, self.total_classes, dropout,
+                              member_generators(self.seeds))
+
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        x = self.member_batches(x)
+        index = self.time_index.view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, x.shape[3])
+        return self.mlp(x.gather(2, index).squeeze(2))
+
+
+class ConcatHead(ProbeHead):
+    """Baseline: the MLP on all T representations concatenated (input d * T)."""
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], *, hidden_dim: int = 512, dropout: float = 0.25) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
+        self.mlp = GroupedMLP(num_members, feature_dim * num_times, hidden_dim, self.total_classes, dropout,
+                              member_generators(self.seeds))
+
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        return self.mlp(self.member_batches(x).flatten(2))
+
+
+class MeanHead(ProbeHead):
+    """Baseline: the MLP on the mean representation over t."""
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], *, hidden_dim: int = 512, dropout: float = 0.25) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
+        self.mlp = GroupedMLP(num_members, feature_dim, hidden_dim, self.total_classes, dropout,
+                              member_generators(self.seeds))
+
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        return self.mlp(self.member_batches(x).mean(dim=2))
+
+
+class WeightedHead(ProbeHead):
+    """Baseline: learned softmax weights over the T times (per member, start uniform), weighted sum, then the MLP."""
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], *, hidden_dim: int = 512, dropout: float = 0.25) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
+        self.time_logits = nn.Parameter(torch.zeros(num_members, num_times))
+        self.mlp = GroupedMLP(num_members, feature_dim, hidden_dim, self.total_classes, dropout,
+                              member_generators(self.seeds))
+
+    def time_weights(self) -> Tensor:
+        """(G, T) weights over time; what the probe learned to look at."""
+        return self.time_logits.softmax(dim=-1)
+
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        return self.mlp(torch.einsum("gt,gbtd->gbd", self.time_weights(), self.member_batches(x)))
+
+
+class GRUHead(ProbeHead):
+    """GRUCell(d, 256) over the times in cache order (increasing t), h0 = 0, dropout on h after every step
+    (the dropped h is fed back), Linear(256, C) on the last h."""
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], *, hidden_dim: int = 256, dropout: float = 0.25) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
+        generators = member_generators(self.seeds)
+        self.cell = GroupedGRUCell(num_members, feature_dim, hidden_dim, generators)
+        self.classifier = GroupedLinear(num_members, hidden_dim, self.total_classes, generators)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        x = self.member_batches(x)
+        input_gates = self.cell.project_input(x)
+        h = x.new_zeros(self.num_members, x.shape[1], self.cell.hidden_size)
+        for i in range(x.shape[2]):
+            h = F.dropout(self.cell.recur(input_gates[:, :, i], h), self.dropout, self.training)
+        return self.classifier(h)
+
+
+class _TokenMixerHead(ProbeHead):
+    """Shared body of the attention heads: tokens = Dropout(Linear(d, D)(x_t)) + position code, a learned CLS
+    token appended LAST (no position code), ONE post-norm block applied `num_applications` times with shared
+    weights, Linear(D, C) on the CLS output. Subclasses say what the position code is; `generators` (one per
+    member, from the seeds) are passed in so that a subclass can draw its own parameters after these."""
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], generators: Sequence[torch.Generator], *, d_model: int, num_heads: int,
+                 ffn_dim: int, num_applications: int, dropout: float) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
+        self.token_proj = GroupedLinear(num_members, feature_dim, d_model, generators)
+        self.block = GroupedTransformerBlock(num_members, d_model, num_heads, ffn_dim, dropout, generators)
+        bound = math.sqrt(6.0 / (2 * d_model))  # xavier-uniform of a (1, 1, D) token, as the original code
+        self.cls = nn.Parameter(torch.stack([torch.empty(d_model).uniform_(-bound, bound, generator=generator)
+                                             for generator in generators]))
+        self.classifier = GroupedLinear(num_members, d_model, self.total_classes, generators)
+        self.num_applications, self.dropout = num_applications, dropout
+
+    def position_code(self, num_tokens: int, t: Tensor | None) -> Tensor:
+        """Code added to the time tokens, broadcastable to (G, B, T, D)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, t: Tensor | None = None, *, return_attention: bool = False,
+                key_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (G, B, C); with return_attention also the CLS query's attention over the T + 1 keys
+        (time tokens in order, CLS last), averaged over heads, from the LAST application of the block.
+
+        key_mask (bool, True = masked) of shape (T + 1,), (B, T + 1) or (G, B, T + 1) hides chosen time tokens or
+        the CLS key (index T) in every application.
+        """
+        x = self.member_batches(x, fixed_times=False)
+        tokens = F.dropout(self.token_proj(x), self.dropout, self.training) + self.position_code(x.shape[2], t)
+        cls = self.cls[:, None, None, :].expand(-1, x.shape[1], 1, -1)
+        h, weights = torch.cat([tokens, cls.to(tokens.dtype)], dim=2), None
+        for application in range(self.num_applications):
+            last = application == self.num_applications - 1
+            h, weights = self.block(h, key_mask, need_weights=return_attention and last)
+        logits = self.classifier(h[:, :, -1])
+        return (logits, weights[:, :, -1]) if return_attention else logits
+
+
+class TransformerHead(_TokenMixerHead):
+    """Transformer mixer of SPEC §7: the position code is the fixed sinusoidal code of the sequence index."""
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], *, d_model: int = 256, num_heads: int = 4, ffn_dim: int = 512,
+                 num_applications: int = 2, dropout: float = 0.25) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds, member_generators(seeds),
+                         d_model=d_model, num_heads=num_heads, ffn_dim=ffn_dim, num_applications=num_applications,
+                         dropout=dropout)
+        self.register_buffer("index_code", sinusoidal_encoding(num_times, d_model), persistent=False)
+
+    def position_code(self, num_tokens: int, t: Tensor | None) -> Tensor:
+        if num_tokens != self.num_times:
+            raise TrajrepError(f"the transformer head was built for {self.num_times} times but got {num_tokens}; "
+                               "index positions only mean something on the grid it was built for "
+                               "(the continuous head takes any time set)")
+        return self.index_code
+
+
+class ContinuousTransformerHead(_TokenMixerHead):
+    """Transformer mixer whose position code is a function of the actual t: a per-member Linear of Gaussian
+    Fourier features of log sigma(t). It has no index positions, so it runs on any set of times.
+
+    The Fourier frequencies are a fixed feature map shared by all members, drawn from `fourier_seed`. Their
+    default scale is 1 (not the 16 of the encoder's time embedding): log sigma spans about 8.5 over t in [0, 1],
+    and scale 16 would make neighbouring grid times look unrelated, defeating interpolation to unseen t.
+    """
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], *, sigma_min: float = 0.01, sigma_max: float = 50.0,
+                 num_frequencies: int = 16, fourier_scale: float = 1.0, fourier_seed: int = 0, d_model: int = 256,
+                 num_heads: int = 4, ffn_dim: int = 512, num_applications: int = 2, dropout: float = 0.25) -> None:
+        generators = member_generators(seeds)
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds, generators, d_model=d_model,
+                         num_heads=num_heads, ffn_dim=ffn_dim, num_applications=num_applications, dropout=dropout)
+        self.sde = VESDE(sigma_min, sigma_max)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(fourier_seed)
+            self.fourier = GaussianFourierFeatures(num_frequencies, fourier_scale)
+        self.time_proj = GroupedLinear(num_members, self.fourier.out_dim, d_model, generators)
+
+    def position_code(self, num_tokens: int, t: Tensor | None) -> Tensor:
+        if t is None or t.shape != (num_tokens,):
+            raise ValueError(f"the continuous head needs the time values t of shape ({num_tokens},), got "
+                             f"{None if t is None else tuple(t.shape)}")
+        features = self.fourier(self.sde.log_sigma(t.to(self.fourier.frequencies)))
+        return self.time_proj(features.expand(self.num_members, -1, -1)).unsqueeze(1)
+
+
+HEADS: dict[str, type[ProbeHead]] = {
+    "mlp": MLPHead,
+    "gru": GRUHead,
+    "transformer": TransformerHead,
+    "concat": ConcatHead,
+    "mean": MeanHead,
+    "weighted": WeightedHead,
+    "continuous": ContinuousTransformerHead,
+}
+
+
+def build_head(kind: str, **kwargs) -> ProbeHead:
+    """The head registered as `kind`, built with `kwargs`."""
+    if kind not in HEADS:
+        raise TrajrepError(f"unknown probe head {kind!r}; valid kinds: {', '.join(sorted(HEADS))}")
+    return HEADS[kind](**kwargs)

@@ -1,0 +1,114 @@
+"""DRL pretraining: a time-conditioned encoder and a latent-conditioned score network trained jointly (SPEC §1-5)."""
+
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+
+from trajrep.diffusion import VESDE
+from trajrep.errors import TrajrepError
+from trajrep.nn.encoder import TimeConditionedWRN
+from trajrep.nn.unet import ScoreUNet
+
+EncoderMode = Literal["probabilistic-drl", "reg-drl", "noreg-drl"]
+ENCODER_MODES = ("probabilistic-drl", "reg-drl", "noreg-drl")
+
+
+def dsm_loss(h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-example 0.5 * sum_pixels (sigma * s + eps)^2 with s = h / sigma, i.e. 0.5 * ||h + eps||^2."""
+    return 0.5 * (h + noise).flatten(1).pow(2).sum(dim=1)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(N(mu, diag exp(logvar)) || N(0, I)), summed over latent dimensions."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+class PretrainModule(pl.LightningModule):
+    """Trains E(x0, t) so that s(x_t, sigma(t), E(x0, t)) can denoise; the encoder is what later stages keep.
+
+    `image_channels` and `image_size` are linked from the datamodule by the CLI.
+    """
+
+    def __init__(
+        self,
+        image_channels: int = 3,
+        image_size: int = 32,
+        mode: EncoderMode = "reg-drl",
+        encoder_depth: int = 28,
+        widen_factor: float = 2.0,
+        nf: int = 16,
+        ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.1,
+        latent_bottleneck: bool = False,
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        t_min: float = 1e-5,
+        reg_weight: float = 1e-5,
+        lr: float = 2e-4,
+        warmup_steps: int = 5000,
+    ) -> None:
+        super().__init__()
+        if mode not in ENCODER_MODES:
+            raise TrajrepError(f"unknown encoder mode {mode!r}; choose one of {', '.join(ENCODER_MODES)}")
+        if lr <= 0:
+            raise TrajrepError(f"learning rate must be positive, got lr={lr}")
+        self.save_hyperparameters()
+        self.sde = VESDE(sigma_min, sigma_max, t_min)
+        self.encoder = TimeConditionedWRN(image_channels, encoder_depth, widen_factor,
+                                          probabilistic=mode == "probabilistic-drl")
+        self.score_net = ScoreUNet(image_channels, image_size, self.encoder.feature_dim, nf, tuple(ch_mult),
+                                   num_res_blocks, tuple(attn_resolutions), dropout, latent_bottleneck)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.encoder.feature_dim
+
+    def encode(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent fed to the score net and its regulariser per example, according to the encoder mode."""
+        out = self.encoder(x0, self.sde.log_sigma(t))
+        mode = self.hparams.mode
+        if mode == "probabilistic-drl":
+            mu, logvar = out.chunk(2, dim=1)
+            z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+            return z, gaussian_kl(mu, logvar)
+        if mode == "reg-drl":
+            return out, out.abs().sum(dim=1)
+        return out, torch.zeros(out.shape[0], device=out.device, dtype=out.dtype)
+
+    def loss_terms(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-example DSM and regulariser terms for given times and noise (deterministic given its inputs)."""
+        z, reg = self.encode(x0, t)
+        h = self.score_net(self.sde.perturb(x0, t, noise), self.sde.log_sigma(t), z)
+        return {"dsm": dsm_loss(h, noise), "reg": reg}
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x0 = batch[0]
+        t = self.sde.sample_time(x0.shape[0], device=x0.device)
+        terms = self.loss_terms(x0, t, torch.randn_like(x0))
+        dsm, reg = terms["dsm"].mean(), terms["reg"].mean()
+        loss = dsm + self.hparams.reg_weight * reg
+        if not torch.isfinite(loss):
+            raise TrajrepError(f"non-finite {stage} loss ({loss.item()}) at step {self.global_step}; lower the "
+                               "learning rate or check the data normalisation")
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step)
+        self.log_dict({f"{stage}/dsm": dsm, f"{stage}/reg": reg}, on_step=on_step, on_epoch=not on_step)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), eps=1e-8)
+        warmup = max(self.hparams.warmup_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
