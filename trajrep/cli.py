@@ -15,6 +15,7 @@ from trajrep.data.representations import RepresentationDataModule  # noqa: F401
 from trajrep.errors import TrajrepError, user_error
 from trajrep.extract import extract_representations, load_pretrained_weights
 from trajrep.pretrain import PretrainModule
+from trajrep.probe import ProbeModule  # noqa: F401
 from trajrep.timegrid import build_time_grid
 
 DEBUG_ENV = "TRAJREP_DEBUG"
@@ -26,6 +27,10 @@ def channels_of(image_shape: tuple[int, int, int]) -> int:
 
 def size_of(image_shape: tuple[int, int, int]) -> int:
     return image_shape[-1]
+
+
+def instantiate_directly(class_type: type, *args, **kwargs):
+    return class_type(*args, **kwargs)
 
 
 class TrajrepTrainer(Trainer):
@@ -58,6 +63,12 @@ class TrajrepTrainer(Trainer):
 class TrajrepCLI(LightningCLI):
     """Links sizes from the datamodule to the model at instantiation, so configs never repeat them."""
 
+    def before_instantiate_classes(self) -> None:
+        # LightningCLI makes every module built while the datamodule is instantiated record the top-level `data`
+        # config as its hyperparameters; RepresentationDataModule builds an image datamodule and a PretrainModule,
+        # which must keep their own. Datamodules are therefore built plainly.
+        self.parser.add_instantiator(instantiate_directly, LightningDataModule, subclasses=True, prepend=True)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
@@ -68,6 +79,8 @@ class TrajrepCLI(LightningCLI):
                               apply_on="instantiate")
         parser.link_arguments("data.image_shape", "model.init_args.image_size", compute_fn=size_of,
                               apply_on="instantiate")
+        for name in ("num_classes", "task_names", "feature_dim", "times", "seeds"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
 
 def main(args: ArgsType = None) -> None:

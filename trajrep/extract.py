@@ -158,12 +158,16 @@ def load_pretrained_weights(model: PretrainModule, ckpt_path: str | Path, ema: b
 
 
 def load_pretrained_model(ckpt_path: str | Path, ema: bool) -> PretrainModule:
-    """Rebuild the PretrainModule a checkpoint was trained as, from its saved hyperparameters, and load it."""
+    """Rebuild the PretrainModule a checkpoint was trained as, from its saved hyperparameters, and load it.
+
+    The returned model's `pretrain_seed` is the seed its training run used (None when unknown).
+    """
     checkpoint = read_checkpoint(ckpt_path)
     accepted = inspect.signature(PretrainModule).parameters
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
     model = PretrainModule(**hparams)
     load_pretrained_weights(model, ckpt_path, ema, checkpoint)
+    model.pretrain_seed = checkpoint.get("pretrain_seed")
     return model.eval()
 
 

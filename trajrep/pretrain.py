@@ -1,5 +1,6 @@
 """DRL pretraining: a time-conditioned encoder and a latent-conditioned score network trained jointly (SPEC §1-5)."""
 
+import os
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -106,6 +107,11 @@ class PretrainModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The seed LightningCLI's seed_everything used, so that probe results can name their pretraining seed.
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        checkpoint["pretrain_seed"] = None if seed is None else int(seed)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), eps=1e-8)

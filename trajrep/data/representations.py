@@ -1,11 +1,13 @@
 """RepresentationDataModule: serves cached E(x0, t) of shape (N, T, d) to the probes, extracting on first use."""
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from trajrep.data.base import ImageDataModule
 from trajrep.data.cache import RepresentationCache, cache_key
@@ -13,6 +15,26 @@ from trajrep.errors import TrajrepError
 from trajrep.timegrid import build_time_grid, select_times
 
 STAGES = ("train", "val", "test")
+
+
+class SeededBatches(IterableDataset):
+    """Mini-batches for a grid of probes: step k gives every seed its own k-th batch, shape (S, B, ...).
+
+    Seed s shuffles with its own generator, so each probe seed sees the batch order it would see alone.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, seeds: list[int], batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        orders = torch.stack([torch.randperm(len(self.x), generator=g) for g in self.generators])
+        for start in range(0, len(self.x), self.batch_size):
+            rows = orders[:, start:start + self.batch_size]
+            yield self.x[rows], self.y[rows]
 
 
 class RepresentationDataModule(pl.LightningDataModule):
@@ -36,7 +58,9 @@ class RepresentationDataModule(pl.LightningDataModule):
         extract_batch_size: int = 64,
         val_fraction: float = 0.1,
         split_seed: int = 0,
+        seeds: list[int] = [0, 1, 2, 3, 4],
         batch_size: int = 256,
+        eval_batch_size: int = 1024,
         recompute: bool = False,
     ) -> None:
         super().__init__()
@@ -45,6 +69,8 @@ class RepresentationDataModule(pl.LightningDataModule):
 
         if not 0.0 < val_fraction < 1.0:
             raise TrajrepError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise TrajrepError(f"seeds must be a non-empty list of distinct probe seeds, got {seeds}")
         self.save_hyperparameters(ignore=["images"])
         self.images = images
         self.grid = build_time_grid(times, granularities)
@@ -53,11 +79,25 @@ class RepresentationDataModule(pl.LightningDataModule):
         identity = extraction_identity(self._model, images, self.grid, ema, dtype, ("train", "test"))
         self.cache_path = Path(cache_dir) / cache_key(identity)
         self.feature_dim = self._model.latent_dim
+        self.seeds = list(seeds)
+        self.metadata = {
+            "dataset": images.identity()["dataset"].rsplit(".", 1)[-1],
+            "encoder_mode": self._model.hparams.mode,
+            "latent_dim": self.feature_dim,
+            "pretrain_seed": self._model.pretrain_seed,
+            "checkpoint": str(checkpoint),
+            "cache_key": self.cache_path.name,
+            "weights": "ema" if ema else "raw",
+        }
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_classes(self) -> list[int]:
         return self.images.num_classes
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.images.task_names
 
     @property
     def num_times(self) -> int:
@@ -98,14 +138,16 @@ class RepresentationDataModule(pl.LightningDataModule):
         self.setup()
         return self._tensors[stage]
 
-    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
-        return DataLoader(TensorDataset(*self.tensors(stage)), batch_size=self.hparams.batch_size, shuffle=shuffle)
+    def _eval_loader(self, stage: str) -> DataLoader:
+        return DataLoader(TensorDataset(*self.tensors(stage)), batch_size=self.hparams.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Per-seed batches (S, B, T, d) for the probe grid; see SeededBatches."""
+        return DataLoader(SeededBatches(*self.tensors("train"), self.seeds, self.hparams.batch_size), batch_size=None)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> list[DataLoader]:
+        """Validation AND test: the protocol keeps the test accuracy of every epoch, then selects on validation."""
+        return [self._eval_loader("val"), self._eval_loader("test")]
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")

@@ -103,6 +103,10 @@ class ProbeHead(nn.Module):
     def total_classes(self) -> int:
         return sum(self.num_classes)
 
+    def select_inputs(self, x: Tensor, member_rows: Tensor) -> Tensor:
+        """Training inputs (G, B, T, d) from per-seed batches (S, B, T, d): member g reads row member_rows[g]."""
+        return x[member_rows]
+
     def member_batches(self, x: Tensor, fixed_times: bool = True) -> Tensor:
         """Check x and give it the member dim: a shared (B, T, d) batch is broadcast to every member."""
         if x.dim() == 3:
@@ -137,7 +141,15 @@ class MLPHead(ProbeHead):
         self.mlp = GroupedMLP(num_members, feature_dim, hidden_dim, self.total_classes, dropout,
                               member_generators(self.seeds))
 
+    def select_inputs(self, x: Tensor, member_rows: Tensor) -> Tensor:
+        """Member g's batch at its own time only: (G, B, 1, d) from per-seed batches (S, B, T, d)."""
+        batch = torch.arange(x.shape[1], device=x.device)
+        return x[member_rows[:, None], batch[None, :], self.time_index[:, None]].unsqueeze(2)
+
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """x is (G, B, T, d) or shared (B, T, d); a time dim of 1 means `select_inputs` already chose the time."""
+        if x.dim() == 4 and x.shape[2] == 1:
+            return self.mlp(x.squeeze(2))
         x = self.member_batches(x)
         index = self.time_index.view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, x.shape[3])
         return self.mlp(x.gather(2, index).squeeze(2))

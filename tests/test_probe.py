@@ -1,0 +1,141 @@
+"""ProbeModule and the selection protocol on a real (tiny) cache, through the CLI."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from trajrep.cli import main
+from trajrep.data.representations import RepresentationDataModule
+from trajrep.data.synthetic import SyntheticShapes
+from trajrep.nn.probes import HEADS
+from trajrep.probe import ProbeModule
+from trajrep.results import read_results
+from trajrep.selection import best_epochs, summarise
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("probe-cache")
+
+
+SMALL_HEADS = {"transformer": '{"d_model": 32, "ffn_dim": 64}', "continuous": '{"d_model": 32, "ffn_dim": 64}',
+               "gru": '{"hidden_dim": 32}'}
+
+
+def probe_args(kind: str, checkpoint: pathlib.Path, tmp_path: pathlib.Path, cache: pathlib.Path) -> list[str]:
+    small = [f"--model.head_kwargs={SMALL_HEADS[kind]}"] if kind in SMALL_HEADS else []
+    return [
+        "fit", "--config", str(REPO / "configs" / "probe" / f"{kind}.yaml"),
+        f"--data.checkpoint={checkpoint}", f"--data.cache_dir={cache}",
+        "--data.images.init_args.num_train=320", "--data.images.init_args.num_test=160",
+        "--data.granularities=[2]", "--data.seeds=[0,1]", "--data.batch_size=64",
+        "--model.learning_rates=[0.001,0.0001]", f"--model.results_dir={tmp_path / 'results'}",
+        "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        *small,
+    ]
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_every_head_runs_from_its_config_and_writes_records(kind, tiny_checkpoint, tmp_path, shared_cache):
+    main(probe_args(kind, tiny_checkpoint, tmp_path, shared_cache))
+    (path,) = (tmp_path / "results").glob(f"{kind}-*.json")
+    results = read_results(path)
+    tasks, lrs, seeds, times = 4, 2, 2, 3
+    assert len(results["records"]) == tasks * lrs * seeds * (times if kind == "mlp" else 1)
+    record = results["records"][0]
+    for field in ("dataset", "encoder_mode", "pretrain_seed", "probe", "times", "lr", "seed", "best_epoch",
+                  "val_acc", "test_acc", "cache_key", "git_revision"):
+        assert field in record, field
+    assert record["dataset"] == "SyntheticShapes" and record["encoder_mode"] == "reg-drl"
+    assert record["pretrain_seed"] == 0
+    assert set(results["summary"]) == {"background", "foreground", "location", "shape"}
+    if kind == "mlp":
+        assert [entry["time"] for entry in results["summary"]["shape"]["per_time"]] == [0.0, 0.5, 1.0]
+    assert results["context"]["config"]["model"]["kind"] == kind
+
+
+def test_result_file_edit_is_detected(tiny_checkpoint, tmp_path, shared_cache):
+    main(probe_args("mean", tiny_checkpoint, tmp_path, shared_cache))
+    (path,) = (tmp_path / "results").glob("mean-*.json")
+    data = json.loads(path.read_text())
+    data["records"][0]["test_acc"] = 1.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(Exception, match="checksum mismatch"):
+        read_results(path)
+
+
+def test_best_single_t_is_chosen_on_validation_never_on_test():
+    # Two times, one lr, two seeds: t=0 has the better validation accuracy, t=1 the better test accuracy.
+    records = [
+        {"task": "class", "time": 0.0, "lr": 1e-3, "seed": s, "val_acc": 0.9, "test_acc": 0.6} for s in (0, 1)
+    ] + [
+        {"task": "class", "time": 1.0, "lr": 1e-3, "seed": s, "val_acc": 0.7, "test_acc": 0.95} for s in (0, 1)
+    ]
+    summary = summarise(records)["class"]
+    assert summary["time"] == 0.0 and summary["test_acc_mean"] == pytest.approx(0.6)
+
+
+def test_lr_is_chosen_by_mean_validation_over_seeds():
+    records = [
+        {"task": "c", "time": None, "lr": 1e-3, "seed": 0, "val_acc": 0.95, "test_acc": 0.9},
+        {"task": "c", "time": None, "lr": 1e-3, "seed": 1, "val_acc": 0.55, "test_acc": 0.5},
+        {"task": "c", "time": None, "lr": 1e-4, "seed": 0, "val_acc": 0.8, "test_acc": 0.7},
+        {"task": "c", "time": None, "lr": 1e-4, "seed": 1, "val_acc": 0.8, "test_acc": 0.8},
+    ]
+    summary = summarise(records)["c"]
+    assert summary["lr"] == 1e-4
+    assert summary["test_acc_mean"] == pytest.approx(0.75)
+    assert summary["test_acc_std"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
+
+
+def test_best_epoch_is_the_first_best_validation_epoch():
+    val = np.array([[0.5, 0.2], [0.7, 0.9], [0.7, 0.4]])
+    test = np.array([[0.1, 0.2], [0.3, 0.4], [0.99, 0.6]])
+    epochs, val_at, test_at = best_epochs(val, test)
+    assert epochs.tolist() == [1, 1] and test_at.tolist() == [0.3, 0.4]
+
+
+@pytest.fixture(scope="module")
+def learnable_data(tiny_checkpoint, tmp_path_factory):
+    data = RepresentationDataModule(str(tiny_checkpoint), SyntheticShapes(num_train=1000, num_test=300),
+                                    granularities=[4], probe_times=[0.0, 0.5, 1.0], seeds=[0, 1], batch_size=64,
+                                    cache_dir=str(tmp_path_factory.mktemp("cache")))
+    data.prepare_data()
+    return data
+
+
+def fit_probe(kind: str, data: RepresentationDataModule, tmp_path: pathlib.Path, epochs: int,
+              head_kwargs: dict | None = None) -> ProbeModule:
+    import lightning.pytorch as pl
+
+    module = ProbeModule(kind=kind, learning_rates=[1e-3], seeds=data.seeds, num_classes=data.num_classes,
+                         task_names=data.task_names, feature_dim=data.feature_dim, times=data.times,
+                         results_dir=str(tmp_path), head_kwargs=head_kwargs)
+    pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=tmp_path).fit(module, datamodule=data)
+    return module
+
+
+def test_mlp_probe_learns_the_background_colour(learnable_data, tmp_path):
+    module = fit_probe("mlp", learnable_data, tmp_path, epochs=10)
+    summary = summarise(module.member_records())
+    # 9 background colours, chance 11 %: colour survives even a barely trained encoder (2 steps, d_z = 8).
+    assert summary["background"]["val_acc_mean"] > 0.28
+    assert len(module.val_history) == 10
+
+
+def test_continuous_head_evaluates_on_times_it_never_saw(learnable_data, tmp_path):
+    module = fit_probe("continuous", learnable_data, tmp_path, epochs=1, head_kwargs={"d_model": 32}).eval()
+    from trajrep.data.cache import RepresentationCache
+
+    cache = RepresentationCache(learnable_data.cache_path)
+    unseen = [0.25, 0.75]
+    x = torch.from_numpy(cache.representations("test", [1, 3])).float()
+    with torch.no_grad():
+        logits = module.member_logits(x, torch.tensor(unseen))
+    assert logits.shape == (len(module.members), 300, 16)
+    assert torch.isfinite(logits.max(dim=-1).values).all()

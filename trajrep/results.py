@@ -1,0 +1,59 @@
+"""Probe result files: JSON records with a checksum, written atomically; tables are built from these alone."""
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from trajrep.errors import TrajrepError
+
+RESULTS_VERSION = 1
+
+
+def git_revision() -> str | None:
+    """The commit of the trajrep checkout that produced a result (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def write_results(results_dir: str | Path, records: list[dict], summary: dict, context: dict) -> Path:
+    """Write `<results_dir>/<probe>-<cache key>.json`: per-member records (each with the fields a table needs),
+    the per-task summary and the run context. Written to a temporary file and renamed: never half a file."""
+    shared = {k: context.get(k) for k in ("dataset", "encoder_mode", "latent_dim", "pretrain_seed", "cache_key",
+                                          "times")}
+    shared["git_revision"] = git_revision()
+    payload = {
+        "version": RESULTS_VERSION,
+        "records": [{**shared, **record} for record in records],
+        "summary": summary,
+        "context": context,
+    }
+    path = Path(results_dir) / f"{context.get('probe')}-{context.get('cache_key', 'nocache')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps({**payload, "sha256": _digest(payload)}, indent=1))
+    os.replace(partial, path)
+    return path
+
+
+def read_results(path: str | Path) -> dict:
+    """A result file, checked against its checksum."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        stored = data.pop("sha256")
+    except (OSError, ValueError, KeyError) as error:
+        raise TrajrepError(f"result file {path} is unreadable ({error}); delete it and rerun the probe") from None
+    if stored != _digest(data):
+        raise TrajrepError(f"result file {path} was modified or truncated (checksum mismatch); delete it and rerun "
+                           "the probe")
+    return data
