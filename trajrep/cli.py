@@ -2,6 +2,7 @@
 
 import os
 import sys
+from operator import itemgetter
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,7 @@ from trajrep.probe import ProbeModule  # noqa: F401
 from trajrep.timegrid import build_time_grid
 
 DEBUG_ENV = "TRAJREP_DEBUG"
+PROBE_SPEC = ("num_classes", "task_names", "feature_dim", "times", "seeds")
 
 
 def channels_of(image_shape: tuple[int, int, int]) -> int:
@@ -74,13 +76,15 @@ class TrajrepCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
-        # A link whose target the chosen model lacks is skipped, so one CLI serves pretraining and probing.
+        # A link whose source attribute the datamodule lacks is skipped, so one CLI serves pretraining (image
+        # datamodules have `image_shape`) and probing (representation datamodules have `probe_spec`).
         parser.link_arguments("data.image_shape", "model.init_args.image_channels", compute_fn=channels_of,
                               apply_on="instantiate")
         parser.link_arguments("data.image_shape", "model.init_args.image_size", compute_fn=size_of,
                               apply_on="instantiate")
-        for name in ("num_classes", "task_names", "feature_dim", "times", "seeds"):
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        for name in PROBE_SPEC:
+            parser.link_arguments("data.probe_spec", f"model.init_args.{name}", compute_fn=itemgetter(name),
+                                  apply_on="instantiate")
 
 
 def main(args: ArgsType = None) -> None:

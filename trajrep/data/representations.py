@@ -37,12 +37,77 @@ class SeededBatches(IterableDataset):
             yield self.x[rows], self.y[rows]
 
 
-class RepresentationDataModule(pl.LightningDataModule):
+class ProbeData(pl.LightningDataModule):
+    """What a probe grid reads: representations (N, T, d) and labels per stage (train, val, test).
+
+    Training batches come per probe seed (SeededBatches); validation runs on the val AND test splits, because
+    the protocol keeps every epoch's test accuracy and then selects on validation. `from_tensors` serves
+    tensors held in memory; RepresentationDataModule reads them from a cache.
+    """
+
+    def __init__(self, times: list[float], num_classes: list[int], task_names: list[str], feature_dim: int,
+                 seeds: list[int], batch_size: int, eval_batch_size: int) -> None:
+        super().__init__()
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise TrajrepError(f"seeds must be a non-empty list of distinct probe seeds, got {seeds}")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise TrajrepError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        self.times, self.num_classes, self.task_names = list(times), list(num_classes), list(task_names)
+        self.feature_dim, self.seeds = feature_dim, list(seeds)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.metadata: dict = {}
+        self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], times: list[float],
+                     num_classes: list[int], seeds: list[int], batch_size: int = 256,
+                     eval_batch_size: int = 1024, task_names: list[str] | None = None) -> "ProbeData":
+        """Serve in-memory tensors {stage: (x (N, T, d), y)} for train, val and test."""
+        data = ProbeData(times, num_classes, task_names or [f"task{k}" for k in range(len(num_classes))],
+                         tensors["train"][0].shape[-1], seeds, batch_size, eval_batch_size)
+        data._tensors = dict(tensors)
+        return data
+
+    @property
+    def num_times(self) -> int:
+        return len(self.times)
+
+    @property
+    def probe_spec(self) -> dict:
+        """What a ProbeModule must know about the data; the CLI links each entry to the model argument of that name.
+
+        Image datamodules have no `probe_spec`, so these links never reach a pretraining model.
+        """
+        return {"num_classes": self.num_classes, "task_names": self.task_names, "feature_dim": self.feature_dim,
+                "times": self.times, "seeds": self.seeds}
+
+    def tensors(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(representations (N, T, d) float32, labels (N,) or (N, tasks)) of one stage: train, val or test."""
+        if stage not in STAGES:
+            raise TrajrepError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+        self.setup("fit")
+        return self._tensors[stage]
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        return DataLoader(TensorDataset(*self.tensors(stage)), batch_size=self.eval_batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(SeededBatches(*self.tensors("train"), self.seeds, self.batch_size), batch_size=None)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader("val"), self._eval_loader("test")]
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+
+class RepresentationDataModule(ProbeData):
     """Cached representations of a pretrained encoder on an image dataset.
 
     The cache is keyed by the extracted weights, the time grid, the dataset and the format, so it is rebuilt
     whenever one of them changes and reused otherwise. `num_classes`, `feature_dim`, `num_times` and `times` are
-    known right after construction, for the CLI's argument links.
+    known right after construction, for the CLI's argument links. The train/validation split of the official
+    training set is fixed by `split_seed`, identical for every probe.
     """
 
     def __init__(
@@ -63,45 +128,29 @@ class RepresentationDataModule(pl.LightningDataModule):
         eval_batch_size: int = 1024,
         recompute: bool = False,
     ) -> None:
-        super().__init__()
         # Local import: the probe side reaches the pretraining side only to build a missing cache.
         from trajrep.extract import extraction_identity, load_pretrained_model
 
         if not 0.0 < val_fraction < 1.0:
             raise TrajrepError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise TrajrepError(f"seeds must be a non-empty list of distinct probe seeds, got {seeds}")
+        grid = build_time_grid(times, granularities)
+        served = grid if probe_times is None else [grid[i] for i in select_times(grid, probe_times)]
+        model = load_pretrained_model(checkpoint, ema)
+        super().__init__(served, images.num_classes, images.task_names, model.latent_dim, seeds, batch_size,
+                         eval_batch_size)
         self.save_hyperparameters(ignore=["images"])
-        self.images = images
-        self.grid = build_time_grid(times, granularities)
-        self.times = self.grid if probe_times is None else [self.grid[i] for i in select_times(self.grid, probe_times)]
-        self._model = load_pretrained_model(checkpoint, ema)
-        identity = extraction_identity(self._model, images, self.grid, ema, dtype, ("train", "test"))
+        self.images, self.grid, self._model = images, grid, model
+        identity = extraction_identity(model, images, grid, ema, dtype, ("train", "test"))
         self.cache_path = Path(cache_dir) / cache_key(identity)
-        self.feature_dim = self._model.latent_dim
-        self.seeds = list(seeds)
         self.metadata = {
             "dataset": images.identity()["dataset"].rsplit(".", 1)[-1],
-            "encoder_mode": self._model.hparams.mode,
+            "encoder_mode": model.hparams.mode,
             "latent_dim": self.feature_dim,
-            "pretrain_seed": self._model.pretrain_seed,
+            "pretrain_seed": model.pretrain_seed,
             "checkpoint": str(checkpoint),
             "cache_key": self.cache_path.name,
             "weights": "ema" if ema else "raw",
         }
-        self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def num_classes(self) -> list[int]:
-        return self.images.num_classes
-
-    @property
-    def task_names(self) -> list[str]:
-        return self.images.task_names
-
-    @property
-    def num_times(self) -> int:
-        return len(self.times)
 
     def prepare_data(self) -> None:
         """Extract the cache if it is missing (or when recompute is set), on one process."""
@@ -114,7 +163,7 @@ class RepresentationDataModule(pl.LightningDataModule):
                                 self.hparams.cache_dir, batch_size=self.hparams.extract_batch_size,
                                 recompute=self.hparams.recompute, checkpoint=self.hparams.checkpoint)
 
-    def setup(self, stage: str | None = None) -> None:
+    def setup(self, stage: str) -> None:
         if self._tensors:
             return
         cache = RepresentationCache(self.cache_path)
@@ -130,24 +179,3 @@ class RepresentationDataModule(pl.LightningDataModule):
             "test": (torch.from_numpy(cache.representations("test", indices)).float(),
                      torch.from_numpy(cache.labels("test"))),
         }
-
-    def tensors(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(representations (N, T, d) float32, labels (N,) or (N, tasks)) of one stage: train, val or test."""
-        if stage not in STAGES:
-            raise TrajrepError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
-        self.setup()
-        return self._tensors[stage]
-
-    def _eval_loader(self, stage: str) -> DataLoader:
-        return DataLoader(TensorDataset(*self.tensors(stage)), batch_size=self.hparams.eval_batch_size)
-
-    def train_dataloader(self) -> DataLoader:
-        """Per-seed batches (S, B, T, d) for the probe grid; see SeededBatches."""
-        return DataLoader(SeededBatches(*self.tensors("train"), self.seeds, self.hparams.batch_size), batch_size=None)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """Validation AND test: the protocol keeps the test accuracy of every epoch, then selects on validation."""
-        return [self._eval_loader("val"), self._eval_loader("test")]
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")

@@ -1,0 +1,193 @@
+"""The probe grid (6 learning rates x 5 seeds; x every t for the MLP) vectorised vs one configuration at a time.
+
+Vectorised: trajrep's ProbeModule, the whole grid as one model, through Lightning. Sequential: the original
+protocol done plainly, one model, optimizer and shuffled DataLoader per configuration, pure PyTorch. Same data
+(class-dependent Gaussian representations, generated here), same epochs, same selection (trajrep.selection),
+both in this run. Also measures a matmul peak and the FLOP/s of the vectorised Transformer's training step.
+
+    python benchmarks/probe_grid.py [--epochs 3] [--kinds mlp gru transformer]
+"""
+
+import argparse
+import math
+import time
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from trajrep.data.representations import ProbeData
+from trajrep.nn.grouped import GroupedAdam
+from trajrep.nn.probes import clip_grad_norm_per_member_, sinusoidal_encoding
+from trajrep.probe import MIXERS, PAPER_LEARNING_RATES, ProbeModule
+from trajrep.selection import best_epochs, summarise
+
+SEEDS = [0, 1, 2, 3, 4]
+
+
+def gaussian_representations(num_times: int, dim: int, classes: int, sizes: dict[str, int]) -> dict:
+    """x[n, t] = s_t * mean[y_n, t] + noise, with the signal s_t growing over t: every t is informative."""
+    generator = torch.Generator().manual_seed(0)
+    means = torch.randn(classes, num_times, dim, generator=generator)
+    signal = torch.linspace(0.15, 0.35, num_times)[None, :, None]
+    data = {}
+    for stage, size in sizes.items():
+        y = torch.randint(0, classes, (size,), generator=generator)
+        data[stage] = (signal * means[y] + torch.randn(size, num_times, dim, generator=generator), y)
+    return data
+
+
+class PlainMLP(nn.Sequential):
+    def __init__(self, dim: int, classes: int) -> None:
+        super().__init__(nn.Linear(dim, 512), nn.ReLU(), nn.Dropout(0.25), nn.Linear(512, classes))
+
+
+class PlainGRU(nn.Module):
+    def __init__(self, dim: int, classes: int) -> None:
+        super().__init__()
+        self.cell, self.dropout, self.out = nn.GRUCell(dim, 256), nn.Dropout(0.25), nn.Linear(256, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], 256)
+        for i in range(x.shape[1]):
+            h = self.dropout(self.cell(x[:, i], h))
+        return self.out(h)
+
+
+class PlainTransformer(nn.Module):
+    def __init__(self, dim: int, classes: int, num_times: int) -> None:
+        super().__init__()
+        self.proj, self.dropout = nn.Linear(dim, 256), nn.Dropout(0.25)
+        self.register_buffer("position", sinusoidal_encoding(num_times, 256))
+        self.cls = nn.Parameter(torch.empty(1, 1, 256).uniform_(-math.sqrt(6 / 512), math.sqrt(6 / 512)))
+        self.block = nn.TransformerEncoderLayer(256, 4, 512, dropout=0.25, batch_first=True)
+        self.out = nn.Linear(256, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.dropout(self.proj(x)) + self.position, self.cls.expand(x.shape[0], -1, -1)], dim=1)
+        return self.out(self.block(self.block(h))[:, -1])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum((model(xb).argmax(-1) == yb).sum().item() for xb, yb in zip(x.split(1024), y.split(1024)))
+    model.train()
+    return correct / len(y)
+
+
+def sequential(kind: str, data: dict, epochs: int) -> list[dict]:
+    """One plain run per configuration (per t for the MLP), as the original scripts do."""
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = data["train"], data["val"], data["test"]
+    num_times, dim, classes = x_train.shape[1], x_train.shape[2], int(y_train.max()) + 1
+    records = []
+    for time_index in range(num_times) if kind == "mlp" else [None]:
+        def view(x):
+            return x if time_index is None else x[:, time_index]
+        for lr in PAPER_LEARNING_RATES:
+            for seed in SEEDS:
+                torch.manual_seed(seed)
+                model = {"mlp": lambda: PlainMLP(dim, classes), "gru": lambda: PlainGRU(dim, classes),
+                         "transformer": lambda: PlainTransformer(dim, classes, num_times)}[kind]()
+                optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
+                loader = DataLoader(TensorDataset(view(x_train), y_train), batch_size=256, shuffle=True,
+                                    generator=torch.Generator().manual_seed(seed))
+                val_history, test_history = [], []
+                for _ in range(epochs):
+                    for xb, yb in loader:
+                        optimizer.zero_grad()
+                        F.cross_entropy(model(xb), yb).backward()
+                        if kind in MIXERS:
+                            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                        optimizer.step()
+                    val_history.append([accuracy(model, view(x_val), y_val)])
+                    test_history.append([accuracy(model, view(x_test), y_test)])
+                epoch, val, test = best_epochs(torch.tensor(val_history).numpy(), torch.tensor(test_history).numpy())
+                records.append({"task": "class", "lr": lr, "seed": seed, "val_acc": float(val[0]),
+                                "test_acc": float(test[0]),
+                                "time": None if time_index is None else float(time_index)})
+    return records
+
+
+def vectorised(kind: str, data: dict, epochs: int, times: list[float]) -> list[dict]:
+    probe_data = ProbeData.from_tensors(data, times, [10], SEEDS, task_names=["class"])
+    module = ProbeModule(kind=kind, seeds=SEEDS, num_classes=[10], task_names=["class"],
+                         feature_dim=probe_data.feature_dim, times=times, results_dir="/tmp/trajrep-bench")
+    pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(module, probe_data)
+    records = module.member_records()
+    for record in records:  # index times like the sequential side, for the comparison below
+        record["time"] = None if record["time"] is None else float(times.index(record["time"]))
+    return records
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def transformer_step_flops(data: dict, times: list[float], steps: int = 3) -> float:
+    """Achieved FLOP/s of the vectorised Transformer grid's training step (forward, backward, clip, Adam)."""
+    module = ProbeModule(kind="transformer", seeds=SEEDS, num_classes=[10], feature_dim=data["train"][0].shape[-1],
+                         times=times)
+    optimizer = GroupedAdam(module.head.parameters(), lr=[m["lr"] for m in module.members], weight_decay=1e-5)
+    x = data["train"][0][:256].unsqueeze(0).expand(len(module.members), -1, -1, -1)
+    y = data["train"][1][:256].unsqueeze(0).expand(len(module.members), -1)
+
+    def step():
+        optimizer.zero_grad()
+        logits = module.head(x, module.times)
+        F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").backward()
+        clip_grad_norm_per_member_(module.head, 1.0)
+        optimizer.step()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    seconds = min(_timed(step) for _ in range(steps))
+    return counter.get_total_flops() / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--kinds", nargs="+", default=["mlp", "gru", "transformer"])
+    parser.add_argument("--times", type=int, default=11)
+    parser.add_argument("--dim", type=int, default=32)
+    args = parser.parse_args()
+    times = [i / (args.times - 1) for i in range(args.times)]
+    data = gaussian_representations(args.times, args.dim, 10, {"train": 4500, "val": 500, "test": 2000})
+    print(f"grid {len(PAPER_LEARNING_RATES)} lr x {len(SEEDS)} seeds, {args.times} t, d = {args.dim}, "
+          f"{args.epochs} epochs, 4500 train / 500 val / 2000 test, threads {torch.get_num_threads()}")
+    for kind in args.kinds:
+        start = time.perf_counter()
+        fast = summarise(vectorised(kind, data, args.epochs, times))["class"]
+        fast_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        plain = summarise(sequential(kind, data, args.epochs))["class"]
+        plain_seconds = time.perf_counter() - start
+        same_lr = fast["lr"] == plain["lr"]
+        gap = 100 * abs(fast["test_acc_mean"] - plain["test_acc_mean"])
+        print(f"{kind:12s} vectorised {fast_seconds:7.1f} s  sequential {plain_seconds:7.1f} s  "
+              f"ratio {plain_seconds / fast_seconds:5.2f}  | selected lr {fast['lr']:g} vs {plain['lr']:g} "
+              f"({'same' if same_lr else 'DIFFERENT'}), test acc {100 * fast['test_acc_mean']:.2f} vs "
+              f"{100 * plain['test_acc_mean']:.2f} ({'within' if gap <= 0.3 else 'OUTSIDE'} 0.3 points)")
+    peak = matmul_peak()
+    achieved = transformer_step_flops(data, times)
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; vectorised Transformer training step {achieved / 1e9:.1f} GFLOP/s "
+          f"= {achieved / peak:.0%} of peak")
+
+
+if __name__ == "__main__":
+    main()
