@@ -43,11 +43,14 @@ def main() -> None:
     print(f"encoder WRN-{args.depth}-{args.widen_factor} (d_z = {model.latent_dim}), {args.images} images, "
           f"{len(grids)} grids: {points} grid points, {len(union)} distinct t, threads {torch.get_num_threads()}")
 
+    cache_batch = max(1, args.batch_size // 8)
+    pass_size = cache_batch * len(union)  # encoder inputs per pass when extracting through the cache
+
     @torch.no_grad()
     def encoder_forward():
-        for start in range(0, args.images, args.batch_size):
-            batch = x0[start:start + args.batch_size]
-            encoder.representation(batch, sde.log_sigma(torch.full((len(batch),), 0.5)))
+        """Plain forward passes of the same size as extraction's, no data handling or writing."""
+        inputs = x0[:1].expand(pass_size, *x0.shape[1:])
+        encoder.representation(inputs, sde.log_sigma(torch.full((pass_size,), 0.5)))
 
     @torch.no_grad()
     def recompute_every_grid():
@@ -62,12 +65,15 @@ def main() -> None:
             trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                                  enable_model_summary=False)
             extract_representations(trainer, model, images, union, ema=False, dtype="float32", cache_dir=cache_dir,
-                                    splits=("test",), batch_size=max(1, args.batch_size // 8))
+                                    splits=("test",), batch_size=cache_batch)
 
     encoder_forward()  # warm-up
-    start = time.perf_counter()
-    encoder_forward()
-    forward_rate = args.images / (time.perf_counter() - start)
+    forward_seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        encoder_forward()
+        forward_seconds.append(time.perf_counter() - start)
+    forward_rate = pass_size / min(forward_seconds)
     start = time.perf_counter()
     recompute_every_grid()
     recompute_seconds = time.perf_counter() - start
@@ -77,7 +83,7 @@ def main() -> None:
 
     recompute_rate = args.images * points / recompute_seconds
     cache_rate = args.images * points / cache_seconds
-    print(f"encoder forward alone:       {forward_rate:10.0f} images x t / s")
+    print(f"encoder forward alone:       {forward_rate:10.0f} images x t / s ({pass_size} inputs per pass, best of 3)")
     print(f"recompute each grid, per t:  {recompute_rate:10.0f} grid points / s ({recompute_seconds:.1f} s)")
     print(f"through the cache:           {cache_rate:10.0f} grid points / s ({cache_seconds:.1f} s, "
           f"{args.images * len(union) / cache_seconds:.0f} encoder images x t / s = "
