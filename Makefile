@@ -6,7 +6,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # apt needs root; use sudo when we are not root and it exists.
 APT := $(if $(filter 0,$(shell id -u)),apt-get,$(shell command -v sudo >/dev/null && echo sudo apt-get))
 
-.PHONY: install data test quickstart
+.PHONY: install data test quickstart bench
 
 install: data
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,10 @@ test:
 
 quickstart:
 	$(BIN)/trajrep fit --config configs/quickstart.yaml
+
+# Every speed benchmark, each printing ratios against a baseline measured in the same run (benchmarks/RESULTS.md).
+bench:
+	$(BIN)/python benchmarks/pretrain.py
+	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/probe_grid.py --epochs 1
+	$(BIN)/python benchmarks/cache_dtype.py

@@ -136,6 +136,28 @@ def test_continuous_head_evaluates_on_times_it_never_saw(learnable_data, tmp_pat
     unseen = [0.25, 0.75]
     x = torch.from_numpy(cache.representations("test", [1, 3])).float()
     with torch.no_grad():
-        logits = module.member_logits(x, torch.tensor(unseen))
+        logits = module(x, torch.tensor(unseen))
     assert logits.shape == (len(module.members), 300, 16)
     assert torch.isfinite(logits.max(dim=-1).values).all()
+
+
+def test_member_chunks_train_exactly_like_one_grouped_model(learnable_data, tmp_path):
+    """Chunking is a memory-locality choice only: the same members with the same seeds reach the same weights."""
+    import lightning.pytorch as pl
+
+    def train(member_chunk: int) -> ProbeModule:
+        pl.seed_everything(0)
+        module = ProbeModule(kind="gru", learning_rates=[1e-3, 1e-4], seeds=learnable_data.seeds,
+                             num_classes=learnable_data.num_classes, task_names=learnable_data.task_names,
+                             feature_dim=learnable_data.feature_dim, times=learnable_data.times,
+                             results_dir=str(tmp_path), head_kwargs={"hidden_dim": 16, "dropout": 0.0},
+                             member_chunk=member_chunk)
+        pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, default_root_dir=tmp_path).fit(module, datamodule=learnable_data)
+        return module
+
+    whole, chunked = train(1000), train(3)
+    assert len(whole.heads) == 1 and len(chunked.heads) == -(-len(chunked.members) // 3)
+    x = torch.randn(7, len(learnable_data.times), learnable_data.feature_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), whole(x), atol=1e-5, rtol=1e-5)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trajrep.errors import TrajrepError
-from trajrep.nn.grouped import (GroupedAdam, GroupedGRUCell, GroupedLinear, grouped_clip_grad_norm_,
-                                member_generators)
+from trajrep.nn.grouped import (GroupedAdam, GroupedGRUCell, GroupedLinear, GroupedMLP, dropout,
+                                dropout_keep_mask, grouped_clip_grad_norm_, member_generators)
 from trajrep.nn.probes import (HEADS, ContinuousTransformerHead, GRUHead, MeanHead, MLPHead, TransformerHead,
                                WeightedHead, build_head, clip_grad_norm_per_member_, per_member_loss,
                                random_time_subset, split_logits)
@@ -325,6 +325,37 @@ def test_dropout_masks_differ_between_members():
     torch.testing.assert_close(head(x)[0], head(x)[1], atol=0, rtol=0)
     head.train()
     assert not torch.allclose(head(x)[0], head(x)[1])
+
+
+@pytest.mark.parametrize("p", [0.25, 0.1])  # 0.1 is not a multiple of 1/256: the 16-bit path
+def test_dropout_keeps_one_minus_p_and_preserves_the_mean(p):
+    x = torch.randn(200, 1000)
+    torch.manual_seed(3)
+    keep = dropout_keep_mask(x, p)
+    assert keep.shape == x.shape and keep.dtype == torch.bool
+    assert abs(keep.double().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / x.numel())
+    assert keep.double().mean(dim=0).std().item() < 0.05  # no stuck positions (e.g. an unfilled byte lane)
+    torch.manual_seed(3)
+    dropped = dropout(x, p, training=True)
+    torch.testing.assert_close(dropped[keep], x[keep] / (1 - p))
+    assert (dropped[~keep] == 0).all()
+    assert dropout(x, p, training=False) is x
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        dropout_keep_mask(x, 1.0)
+
+
+def test_fused_relu_dropout_matches_relu_then_dropout_with_the_same_mask():
+    mlp = GroupedMLP(2, D_IN, 16, C, dropout=0.25).train()
+    x = torch.randn(2, 5, D_IN, requires_grad=True)
+    torch.manual_seed(7)
+    fused = mlp(x)
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(mlp.fc1(x), 0.25)
+    reference = mlp.fc2(torch.where(keep, F.relu(mlp.fc1(x)), 0) / 0.75)
+    torch.testing.assert_close(fused, reference)
+    grad_fused, = torch.autograd.grad(fused.sum(), x)
+    grad_reference, = torch.autograd.grad(reference.sum(), x)
+    torch.testing.assert_close(grad_fused, grad_reference)
 
 
 def test_weighted_head_starts_as_the_mean_head():

@@ -12,6 +12,7 @@ from trajrep.nn.encoder import TimeConditionedWRN
 from trajrep.nn.unet import ScoreUNet
 
 EncoderMode = Literal["probabilistic-drl", "reg-drl", "noreg-drl"]
+MatmulPrecision = Literal["highest", "high", "medium"]
 ENCODER_MODES = ("probabilistic-drl", "reg-drl", "noreg-drl")
 
 
@@ -29,6 +30,11 @@ class PretrainModule(pl.LightningModule):
     """Trains E(x0, t) so that s(x_t, sigma(t), E(x0, t)) can denoise; the encoder is what later stages keep.
 
     `image_channels` and `image_size` are linked from the datamodule by the CLI.
+
+    Fast paths (each measured by benchmarks/pretrain.py; none changes the model or its checkpoints):
+    `compile` compiles the encoder and the score net (not this module), `channels_last` stores images and conv
+    weights NHWC, `matmul_precision` is torch.set_float32_matmul_precision ("high" allows TF32 on NVIDIA GPUs).
+    Mixed precision is the Trainer's `precision: bf16-mixed`; the data's `device_resident` keeps images on the GPU.
     """
 
     def __init__(
@@ -50,6 +56,9 @@ class PretrainModule(pl.LightningModule):
         reg_weight: float = 1e-5,
         lr: float = 2e-4,
         warmup_steps: int = 5000,
+        compile: bool = False,
+        channels_last: bool = False,
+        matmul_precision: MatmulPrecision | None = None,
     ) -> None:
         super().__init__()
         if mode not in ENCODER_MODES:
@@ -62,6 +71,15 @@ class PretrainModule(pl.LightningModule):
                                           probabilistic=mode == "probabilistic-drl")
         self.score_net = ScoreUNet(image_channels, image_size, self.encoder.feature_dim, nf, tuple(ch_mult),
                                    num_res_blocks, tuple(attn_resolutions), dropout, latent_bottleneck)
+
+    def configure_model(self) -> None:
+        if self.hparams.matmul_precision is not None:
+            torch.set_float32_matmul_precision(self.hparams.matmul_precision)
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.hparams.compile:  # the inner networks: Lightning's hooks stay eager and checkpoints keep their keys
+            self.encoder.compile()
+            self.score_net.compile()
 
     @property
     def latent_dim(self) -> int:
@@ -88,7 +106,10 @@ class PretrainModule(pl.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x0 = batch[0]
         t = self.sde.sample_time(x0.shape[0], device=x0.device)
-        terms = self.loss_terms(x0, t, torch.randn_like(x0))
+        noise = torch.randn_like(x0)  # drawn before any layout change: randn_like fills memory in storage order
+        if self.hparams.channels_last:
+            x0, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x0, noise))
+        terms = self.loss_terms(x0, t, noise)
         dsm, reg = terms["dsm"].mean(), terms["reg"].mean()
         loss = dsm + self.hparams.reg_weight * reg
         if not torch.isfinite(loss):

@@ -7,6 +7,7 @@ the results are written as JSON records (trajrep.results).
 """
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,6 +24,9 @@ from trajrep.selection import best_epochs, summarise
 
 PAPER_LEARNING_RATES = [1e-3, 7.5e-4, 5e-4, 2.5e-4, 1e-4, 5e-5]
 MIXERS = ("gru", "transformer", "continuous")
+# Members per chunk, the fastest on a 2-core CPU (fewer, larger kernels vs activations that stay in cache):
+# `python benchmarks/probe_grid.py --chunks` measures them. Kinds not listed train as one chunk.
+MEMBER_CHUNK = {"mlp": 16, "concat": 16, "mean": 16, "weighted": 16, "gru": 6, "transformer": 3, "continuous": 3}
 
 
 class MemberAccuracy(Metric):
@@ -43,7 +47,13 @@ class MemberAccuracy(Metric):
 
 
 class ProbeModule(pl.LightningModule):
-    """Trains one probe kind's full grid on cached representations; sizes are linked from the datamodule."""
+    """Trains one probe kind's full grid on cached representations; sizes are linked from the datamodule.
+
+    The members are split into chunks of `member_chunk` (default: MEMBER_CHUNK for the kind), one grouped head
+    each; a training step runs each chunk's forward and backward back to back, so that its activations are still
+    in the CPU's cache for the backward pass. On a GPU, where one large kernel is best, set member_chunk to the
+    grid size.
+    """
 
     def __init__(
         self,
@@ -58,6 +68,7 @@ class ProbeModule(pl.LightningModule):
         times: list[float] = [0.5],
         head_kwargs: dict[str, Any] | None = None,
         results_dir: str = "results/probes",
+        member_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if kind not in HEADS:
@@ -74,10 +85,11 @@ class ProbeModule(pl.LightningModule):
             {"task": k, "time_index": i, "lr": lr, "seed": seed}
             for k, i, lr, seed in itertools.product(range(len(num_classes)), time_indices, learning_rates, seeds)
         ]
-        extra = {"time_index": [m["time_index"] for m in self.members]} if kind == "mlp" else {}
-        self.head = build_head(kind, num_members=len(self.members), feature_dim=feature_dim, num_times=len(times),
-                               num_classes=[max(num_classes)], seeds=[m["seed"] for m in self.members],
-                               **extra, **(head_kwargs or {}))
+        chunk = member_chunk or MEMBER_CHUNK.get(kind, len(self.members))
+        if chunk < 1:
+            raise TrajrepError(f"member_chunk must be >= 1 (members trained together), got {chunk}")
+        self.chunks = [slice(start, min(start + chunk, len(self.members))) for start in range(0, len(self.members), chunk)]
+        self.heads = torch.nn.ModuleList(self._build_head(self.members[part]) for part in self.chunks)
         self.register_buffer("times", torch.tensor(times, dtype=torch.float32), persistent=False)
         self.register_buffer("member_task", torch.tensor([m["task"] for m in self.members]), persistent=False)
         self.register_buffer("member_seed_row", torch.tensor([seeds.index(m["seed"]) for m in self.members]),
@@ -92,42 +104,70 @@ class ProbeModule(pl.LightningModule):
         self.test_history: list[list[float]] = []
         self._subset_generator = torch.Generator().manual_seed(seeds[0])
 
-    def member_logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.head(x, t).masked_fill(self.logit_mask[:, None, :], float("-inf"))
+    def _build_head(self, members: list[dict]) -> torch.nn.Module:
+        extra = {"time_index": [m["time_index"] for m in members]} if self.hparams.kind == "mlp" else {}
+        return build_head(self.hparams.kind, num_members=len(members), feature_dim=self.hparams.feature_dim,
+                          num_times=len(self.hparams.times), num_classes=[max(self.hparams.num_classes)],
+                          seeds=[m["seed"] for m in members], **extra, **(self.hparams.head_kwargs or {}))
 
-    def member_labels(self, y: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(G, B) labels of each member's task, from per-seed labels y (S, B[, K]) and member rows (G,), or from
-        labels (B[, K]) shared by all members."""
-        y = y[rows] if rows is not None else y.unsqueeze(0).expand(len(self.members), *y.shape)
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, **head_kwargs) -> Any:
+        """Every member's logits (G, B, C) for a shared batch (B, T, d), extra logits of narrower tasks at -inf.
+        Head options (return_attention, key_mask for the attention heads) pass through; with return_attention
+        the result is (logits, attention (G, B, T + 1))."""
+        t = self.times if t is None else t
+        outputs = [head(x, t, **head_kwargs) for head in self.heads]
+        if head_kwargs.get("return_attention"):
+            logits, attention = (torch.cat(parts) for parts in zip(*outputs))
+            return self._mask_logits(logits, slice(None)), attention
+        return self._mask_logits(torch.cat(outputs), slice(None))
+
+    def _mask_logits(self, logits: torch.Tensor, part: slice) -> torch.Tensor:
+        return logits.masked_fill(self.logit_mask[part, None, :], float("-inf"))
+
+    def member_labels(self, y: torch.Tensor, part: slice, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(G_part, B) labels of the members in `part`, each of its own task: from per-seed labels y (S, B[, K])
+        and those members' seed rows, or from labels (B[, K]) shared by all members."""
+        tasks = self.member_task[part]
+        y = y[rows] if rows is not None else y.unsqueeze(0).expand(len(tasks), *y.shape)
         if y.dim() == 3:
-            y = y.gather(2, self.member_task.view(-1, 1, 1).expand(-1, y.shape[1], 1)).squeeze(2)
+            y = y.gather(2, tasks.view(-1, 1, 1).expand(-1, y.shape[1], 1)).squeeze(2)
         return y
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        inputs = self.head.select_inputs(x, self.member_seed_row)
-        labels = self.member_labels(y, self.member_seed_row)
-        t = self.times
-        if self.hparams.kind == "continuous":
+        loss = self.grid_step(*batch, self.optimizers(), self.manual_backward)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def grid_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """One optimisation step of every member on per-seed batches x (S, B, T, d), y (S, B[, K]); returns the
+        mean loss over members. Each chunk's forward and backward run back to back (see the class docstring)."""
+        t, subset = self.times, None
+        if self.hparams.kind == "continuous":  # one random time subset per step, shared by every member
             subset = random_time_subset(len(t), generator=self._subset_generator).to(t.device)
-            inputs, t = inputs[:, :, subset], t[subset]
-        logits = self.member_logits(inputs, t)
-        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
-        optimizer = self.optimizers()
+            t = t[subset]
         optimizer.zero_grad()
-        self.manual_backward(losses.sum())  # the sum keeps every member's gradient its own
-        if self.grad_clip is not None:
-            clip_grad_norm_per_member_(self.head, self.grad_clip)
+        losses = []
+        for head, part in zip(self.heads, self.chunks):
+            rows = self.member_seed_row[part]
+            inputs, labels = head.select_inputs(x, rows), self.member_labels(y, part, rows)
+            if subset is not None:
+                inputs = inputs[:, :, subset]
+            logits = self._mask_logits(head(inputs, t), part)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+            backward(loss.mean(1).sum())  # the sum keeps every member's gradient its own
+            if self.grad_clip is not None:
+                clip_grad_norm_per_member_(head, self.grad_clip)
+            losses.append(loss.detach().mean(1))
         optimizer.step()
-        self.log("train/loss", losses.mean(), prog_bar=True)
-        return losses.mean()
+        return torch.cat(losses).mean()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> None:
         x, y = batch
-        predictions = self.member_logits(x, self.times).argmax(dim=-1)
+        predictions = self(x).argmax(dim=-1)
         metric = self.val_accuracy if dataloader_idx == 0 else self.test_accuracy
-        metric.update(predictions, self.member_labels(y))
+        metric.update(predictions, self.member_labels(y, slice(None)))
 
     def on_validation_epoch_end(self) -> None:
         val, test = self.val_accuracy.compute(), self.test_accuracy.compute()
@@ -179,5 +219,6 @@ class ProbeModule(pl.LightningModule):
         self.print(f"Probe results ({len(records)} members) -> {path}")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        learning_rates = [m["lr"] for m in self.members]
-        return GroupedAdam(self.head.parameters(), lr=learning_rates, weight_decay=self.hparams.weight_decay)
+        groups = [{"params": head.parameters(), "lr": [m["lr"] for m in self.members[part]]}
+                  for head, part in zip(self.heads, self.chunks)]
+        return GroupedAdam(groups, weight_decay=self.hparams.weight_decay)

@@ -19,14 +19,40 @@ DATA_FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 
 
+class DeviceBatches(Dataset):
+    """A split held as tensors (images, labels) on one device. The DataLoader hands `__getitems__` a whole batch
+    of indices, so a batch is one indexing op on that device."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, device=self.images.device)
+        return self.images[index], self.labels[index]
+
+
+def _already_a_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
 class ImageDataModule(LightningDataModule, ABC):
     """Base of the image datamodules: official train/test splits of (uint8 image, long label) items.
 
     Subclasses describe their data in `__init__` (shape, classes, normalisation) without reading it, check that the
     files are there, call `self.save_hyperparameters()`, and load a split in `_load`.
+
+    `device_resident` keeps the training split on the training device as two tensors and gathers each batch there
+    (a GPU fast path for small datasets such as CIFAR, 150 MB as uint8): no loader workers, no host copies.
     """
 
-    def __init__(self, batch_size: int = 100, num_workers: int = 0, drop_last: bool = True) -> None:
+    def __init__(self, batch_size: int = 100, num_workers: int = 0, drop_last: bool = True,
+                 device_resident: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise TrajrepError(f"batch_size must be >= 1, got {batch_size}")
@@ -92,6 +118,13 @@ class ImageDataModule(LightningDataModule, ABC):
         return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
                           drop_last=drop_last, num_workers=workers, persistent_workers=workers > 0)
 
+    def _device_resident_loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
+        with torch.random.fork_rng(devices=[]):  # iterating a loader draws a seed: keep the run's RNG stream as is
+            images, labels = map(torch.cat, zip(*self._loader(split, shuffle=False, drop_last=False)))
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        return DataLoader(DeviceBatches(images.to(device), labels.to(device)), batch_size=self.hparams.batch_size,
+                          shuffle=shuffle, drop_last=drop_last, collate_fn=_already_a_batch)
+
     def train_dataloader(self) -> DataLoader:
         size, batch_size = len(self.dataset("train")), self.hparams.batch_size
         if size == 0:
@@ -99,7 +132,8 @@ class ImageDataModule(LightningDataModule, ABC):
         if self.hparams.drop_last and batch_size > size:
             raise TrajrepError(f"batch_size {batch_size} is larger than the {size} training images, so drop_last "
                                "would leave no batch; lower batch_size or set drop_last: false")
-        return self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)
+        loader = self._device_resident_loader if self.hparams.get("device_resident") else self._loader
+        return loader("train", shuffle=True, drop_last=self.hparams.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False, drop_last=False)

@@ -40,8 +40,8 @@ class CIFARDataModule(ImageDataModule):
     """3x32x32 CIFAR images standardised per channel; `root` holds torchvision's extracted folder."""
 
     def __init__(self, variant: CIFARVariant, root: str, download: bool, batch_size: int, num_workers: int,
-                 drop_last: bool) -> None:
-        super().__init__(batch_size, num_workers, drop_last)
+                 drop_last: bool, device_resident: bool) -> None:
+        super().__init__(batch_size, num_workers, drop_last, device_resident)
         self._variant = variant
         self._root = Path(root).resolve()
         if not download:
@@ -106,13 +106,13 @@ class CIFAR10(CIFARDataModule):
     """CIFAR-10: 10 classes, 50k / 10k, standardised with the SPEC §5 statistics."""
 
     def __init__(self, root: str = "data/cifar10", download: bool = False, batch_size: int = 100,
-                 num_workers: int = 0, drop_last: bool = True) -> None:
-        super().__init__(CIFAR10_VARIANT, root, download, batch_size, num_workers, drop_last)
+                 num_workers: int = 0, drop_last: bool = True, device_resident: bool = False) -> None:
+        super().__init__(CIFAR10_VARIANT, root, download, batch_size, num_workers, drop_last, device_resident)
 
 
 class CIFAR100(CIFARDataModule):
     """CIFAR-100 (fine labels): 100 classes, 50k / 10k, standardised with the SPEC §5 statistics."""
 
     def __init__(self, root: str = "data/cifar100", download: bool = False, batch_size: int = 100,
-                 num_workers: int = 0, drop_last: bool = True) -> None:
-        super().__init__(CIFAR100_VARIANT, root, download, batch_size, num_workers, drop_last)
+                 num_workers: int = 0, drop_last: bool = True, device_resident: bool = False) -> None:
+        super().__init__(CIFAR100_VARIANT, root, download, batch_size, num_workers, drop_last, device_resident)

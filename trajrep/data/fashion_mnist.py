@@ -62,8 +62,9 @@ class FashionMNIST(ImageDataModule):
         batch_size: int = 100,
         num_workers: int = 0,
         drop_last: bool = True,
+        device_resident: bool = False,
     ) -> None:
-        super().__init__(batch_size, num_workers, drop_last)
+        super().__init__(batch_size, num_workers, drop_last, device_resident)
         if num_train is not None and num_train < 1:
             raise TrajrepError(f"num_train must be >= 1 (or null for all 60,000), got {num_train}")
         self._root = Path(DEFAULT_ROOT if root is None else root).resolve()

@@ -60,8 +60,9 @@ class ImageFolder(ImageDataModule):
         batch_size: int = 100,
         num_workers: int = 0,
         drop_last: bool = True,
+        device_resident: bool = False,
     ) -> None:
-        super().__init__(batch_size, num_workers, drop_last)
+        super().__init__(batch_size, num_workers, drop_last, device_resident)
         if image_size < 1:
             raise TrajrepError(f"image_size must be >= 1, got {image_size}")
         if channels not in (1, 3):

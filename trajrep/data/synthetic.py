@@ -78,8 +78,9 @@ class SyntheticShapes(ImageDataModule):
         batch_size: int = 100,
         num_workers: int = 0,
         drop_last: bool = True,
+        device_resident: bool = False,
     ) -> None:
-        super().__init__(batch_size, num_workers, drop_last)
+        super().__init__(batch_size, num_workers, drop_last, device_resident)
         if not 1 <= num_train < NUM_COMBINATIONS:
             raise TrajrepError(f"num_train must be in [1, {NUM_COMBINATIONS - 1}] (there are {NUM_COMBINATIONS} "
                                f"combinations and the test split needs some), got {num_train}")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.embedding import GaussianFourierFeatures
-from trajrep.nn.grouped import (GroupedGRUCell, GroupedLinear, GroupedMLP, GroupedTransformerBlock,
+from trajrep.nn.grouped import (GroupedGRUCell, GroupedLinear, GroupedMLP, GroupedTransformerBlock, dropout,
                                 grouped_clip_grad_norm_, member_generators)
 
 
@@ -215,8 +215,8 @@ class GRUHead(ProbeHead):
         x = self.member_batches(x)
         input_gates = self.cell.project_input(x)
         h = x.new_zeros(self.num_members, x.shape[1], self.cell.hidden_size)
-        for i in range(x.shape[2]):
-            h = F.dropout(self.cell.recur(input_gates[:, :, i], h), self.dropout, self.training)
+        for gates in input_gates.unbind(2):  # unbind: indexing [:, :, i] would zero-fill a full-size grad per step
+            h = dropout(self.cell.recur(gates, h), self.dropout, self.training)
         return self.classifier(h)
 
 
@@ -251,7 +251,7 @@ class _TokenMixerHead(ProbeHead):
         the CLS key (index T) in every application.
         """
         x = self.member_batches(x, fixed_times=False)
-        tokens = F.dropout(self.token_proj(x), self.dropout, self.training) + self.position_code(x.shape[2], t)
+        tokens = dropout(self.token_proj(x), self.dropout, self.training) + self.position_code(x.shape[2], t)
         cls = self.cls[:, None, None, :].expand(-1, x.shape[1], 1, -1)
         h, weights = torch.cat([tokens, cls.to(tokens.dtype)], dim=2), None
         for application in range(self.num_applications):

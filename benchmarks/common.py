@@ -1,0 +1,34 @@
+"""Measurements the benchmarks share: a matmul peak to express FLOP/s against, and best-of-n timing."""
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 3, device: torch.device = torch.device("cpu")) -> float:
+    """The fastest of `repeats` timed calls (after the caller's warm-up): the least disturbed by other load."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                size: int | None = None) -> float:
+    """FLOP/s of a large square matmul on `device`: the ceiling that a step's achieved FLOP/s is compared with."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    return 2 * size ** 3 / best_seconds(lambda: a @ b, repeats=5, device=device)
