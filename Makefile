@@ -6,7 +6,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # apt needs root; use sudo when we are not root and it exists.
 APT := $(if $(filter 0,$(shell id -u)),apt-get,$(shell command -v sudo >/dev/null && echo sudo apt-get))
 
-.PHONY: install data test quickstart bench
+.PHONY: install data test quickstart bench reproduce-table
 
 install: data
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ quickstart:
 
 # Every speed benchmark, each printing ratios against a baseline measured in the same run (benchmarks/RESULTS.md).
 bench:
-	$(BIN)/python benchmarks/pretrain.py
+	$(BIN)/python benchmarks/pretrain.py --steps 6
 	$(BIN)/python benchmarks/extract.py
-	$(BIN)/python benchmarks/probe_grid.py --epochs 1
+	$(BIN)/python benchmarks/probe_grid.py --epochs 1 --train 2304
 	$(BIN)/python benchmarks/cache_dtype.py
+
+# The whole pipeline for a preset (configs/presets/$(PRESET).yaml), skipping finished stages; see README.
+PRESET ?= smoke
+reproduce-table:
+	$(BIN)/python -m trajrep.reproduce configs/presets/$(PRESET).yaml

@@ -25,7 +25,7 @@ PRESETS = {
     "cifar10": (dict(encoder_depth=28, widen_factor=2, nf=16, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                      attn_resolutions=(16,)), 100),
 }
-ALL = dict(model={"compile": True, "channels_last": True, "matmul_precision": "high"},
+ALL = dict(model={"compile": True, "channels_last": True, "matmul_precision": "high", "adam_impl": "foreach"},
            trainer={"precision": "bf16-mixed"}, data={"device_resident": True})
 VARIANTS = {
     "fp32 eager": {},
@@ -34,6 +34,8 @@ VARIANTS = {
     "compile": dict(model={"compile": True}),
     "channels_last": dict(model={"channels_last": True}),
     "device_resident data": dict(data={"device_resident": True}),
+    "foreach Adam": dict(model={"adam_impl": "foreach"}),
+    "fused Adam (fp32 only)": dict(model={"adam_impl": "fused"}),
     "all together": ALL,
 }
 

@@ -161,14 +161,15 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["mlp", "gru", "transformer"])
     parser.add_argument("--times", type=int, default=11)
     parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--train", type=int, default=4500, help="training representations")
     parser.add_argument("--member-chunk", type=int, default=None, help="default: trajrep.probe.MEMBER_CHUNK")
     parser.add_argument("--chunks", action="store_true", help="only sweep the members per chunk")
     args = parser.parse_args()
     times = [i / (args.times - 1) for i in range(args.times)]
-    sizes = {"train": 4500, "val": 500, "test": 2000}
+    sizes = {"train": args.train, "val": 500, "test": 2000}
     data = gaussian_representations(args.times, args.dim, 10, sizes)
     print(f"grid {len(PAPER_LEARNING_RATES)} lr x {len(SEEDS)} seeds, {args.times} t, d = {args.dim}, "
-          f"{args.epochs} epochs, 4500 train / 500 val / 2000 test, threads {torch.get_num_threads()}")
+          f"{args.epochs} epochs, {args.train} train / 500 val / 2000 test, threads {torch.get_num_threads()}")
     peak = matmul_peak()
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s (2048 x 2048 float32)")
     if args.chunks:

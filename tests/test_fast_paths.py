@@ -49,9 +49,11 @@ def _restore_matmul_precision():
     (dict(model={"channels_last": True}), 1e-4),
     (dict(model={"matmul_precision": "high"}), 1e-4),
     (dict(data={"device_resident": True}), 1e-6),
+    (dict(model={"adam_impl": "foreach"}), 1e-4),
+    (dict(model={"adam_impl": "fused"}), 1e-4),
     (dict(trainer={"precision": "bf16-mixed"}), 3e-2),
     pytest.param(dict(model={"compile": True}), 1e-4, marks=pytest.mark.slow),
-], ids=["channels_last", "matmul_precision", "device_resident", "bf16", "compile"])
+], ids=["channels_last", "matmul_precision", "device_resident", "foreach_adam", "fused_adam", "bf16", "compile"])
 def test_fast_path_keeps_the_training_losses(switch, rtol, reference_losses):
     losses = train_losses(**switch)
     assert len(losses) == len(reference_losses) == STEPS

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 # Imported so that configs can name the classes by short name (class_path: SyntheticShapes).
 from trajrep.callbacks import EMA  # noqa: F401
 from trajrep.data import CIFAR10, CIFAR100, FashionMNIST, ImageDataModule, ImageFolder, SyntheticShapes  # noqa: F401
-from trajrep.data.representations import RepresentationDataModule  # noqa: F401
+from trajrep.data.representations import PixelProbeData, RepresentationDataModule  # noqa: F401
 from trajrep.errors import TrajrepError, user_error
 from trajrep.extract import extract_representations, load_pretrained_weights
 from trajrep.pretrain import PretrainModule
@@ -87,6 +87,12 @@ class TrajrepCLI(LightningCLI):
                                   apply_on="instantiate")
 
 
+def build_cli(args: ArgsType = None, run: bool = True) -> TrajrepCLI:
+    """The trajrep CLI on `args`; with run=False only parsed and instantiated (model, data, trainer)."""
+    return TrajrepCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      trainer_class=TrajrepTrainer, args=args, run=run, save_config_kwargs={"overwrite": True})
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the console script; `args` lets tests run it in process.
 
@@ -94,8 +100,7 @@ def main(args: ArgsType = None) -> None:
     traceback.
     """
     try:
-        TrajrepCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   trainer_class=TrajrepTrainer, args=args, save_config_kwargs={"overwrite": True})
+        build_cli(args)
     except Exception as error:
         cause = user_error(error)
         if cause is None or os.environ.get(DEBUG_ENV):

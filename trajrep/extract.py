@@ -82,19 +82,29 @@ class ExtractionData(pl.LightningDataModule):
         return index, self.images.normalize(images), labels
 
 
-class Extractor(pl.LightningModule):
-    """Predict-loop module holding only the encoder: (index, x0, y) -> (index, E(x0, t) for all t, y)."""
+# Encoder inputs per pass on a CPU, the fastest in benchmarks/extract.py; a GPU wants more (--pass-size).
+PASS_SIZE = 64
 
-    def __init__(self, pretrained: PretrainModule, times: list[float]) -> None:
+
+class Extractor(pl.LightningModule):
+    """Predict-loop module holding only the encoder: (index, x0, y) -> (index, E(x0, t) for all t, y).
+
+    Every (image, t) pair of a batch goes through the encoder in passes of at most `pass_size` inputs: large
+    enough to keep the device busy, small enough that a CPU's activations stay in cache (benchmarks/extract.py).
+    """
+
+    def __init__(self, pretrained: PretrainModule, times: list[float], pass_size: int = PASS_SIZE) -> None:
         super().__init__()
-        self.encoder = pretrained.encoder
+        self.encoder, self.pass_size = pretrained.encoder, pass_size
         self.register_buffer("log_sigmas", pretrained.sde.log_sigma(torch.tensor(times, dtype=torch.float32)))
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        """(B, T, d): every image at every time, in one encoder pass over B * T inputs."""
+        """(B, T, d): every image at every time."""
         batch, num_times = x0.shape[0], self.log_sigmas.numel()
         inputs = x0.unsqueeze(1).expand(batch, num_times, *x0.shape[1:]).reshape(batch * num_times, *x0.shape[1:])
-        reps = self.encoder.representation(inputs, self.log_sigmas.repeat(batch))
+        log_sigmas = self.log_sigmas.repeat(batch)
+        reps = torch.cat([self.encoder.representation(part, level) for part, level
+                          in zip(inputs.split(self.pass_size), log_sigmas.split(self.pass_size))])
         return reps.view(batch, num_times, -1)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
@@ -159,7 +169,8 @@ def load_pretrained_weights(model: PretrainModule, ckpt_path: str | Path, ema: b
 def load_pretrained_model(ckpt_path: str | Path, ema: bool) -> PretrainModule:
     """Rebuild the PretrainModule a checkpoint was trained as, from its saved hyperparameters, and load it.
 
-    The returned model's `pretrain_seed` is the seed its training run used (None when unknown).
+    The returned model's `pretrain_seed` is the seed its training run used (None when unknown) and
+    `pretrain_steps` its optimizer steps (0 for an untrained control).
     """
     checkpoint = read_checkpoint(ckpt_path)
     accepted = inspect.signature(PretrainModule).parameters
@@ -167,6 +178,7 @@ def load_pretrained_model(ckpt_path: str | Path, ema: bool) -> PretrainModule:
     model = PretrainModule(**hparams)
     load_pretrained_weights(model, ckpt_path, ema, checkpoint)
     model.pretrain_seed = checkpoint.get("pretrain_seed")
+    model.pretrain_steps = checkpoint.get("global_step")
     return model.eval()
 
 
@@ -188,7 +200,7 @@ def extraction_identity(model: PretrainModule, images: ImageDataModule, times: l
 def extract_representations(trainer: pl.Trainer, model: PretrainModule, images: ImageDataModule,
                             times: list[float], ema: bool, dtype: str, cache_dir: str | Path,
                             splits: tuple[str, ...] = SPLITS, batch_size: int = 64, recompute: bool = False,
-                            checkpoint: str | None = None) -> Path:
+                            checkpoint: str | None = None, pass_size: int = PASS_SIZE) -> Path:
     """Build (or reuse) the cache for `model`'s encoder, already loaded with the weights to extract."""
     for split in splits:
         if split not in SPLITS:
@@ -212,7 +224,7 @@ def extract_representations(trainer: pl.Trainer, model: PretrainModule, images: 
         trainer.callbacks.append(row_writer)
         start = time.perf_counter()
         try:
-            trainer.predict(Extractor(model, times), datamodule=ExtractionData(images, splits, batch_size),
+            trainer.predict(Extractor(model, times, pass_size), datamodule=ExtractionData(images, splits, batch_size),
                             return_predictions=False)
         finally:
             trainer.callbacks.remove(row_writer)

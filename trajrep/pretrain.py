@@ -13,6 +13,7 @@ from trajrep.nn.unet import ScoreUNet
 
 EncoderMode = Literal["probabilistic-drl", "reg-drl", "noreg-drl"]
 MatmulPrecision = Literal["highest", "high", "medium"]
+AdamImpl = Literal["for-loop", "foreach", "fused"]
 ENCODER_MODES = ("probabilistic-drl", "reg-drl", "noreg-drl")
 
 
@@ -33,7 +34,9 @@ class PretrainModule(pl.LightningModule):
 
     Fast paths (each measured by benchmarks/pretrain.py; none changes the model or its checkpoints):
     `compile` compiles the encoder and the score net (not this module), `channels_last` stores images and conv
-    weights NHWC, `matmul_precision` is torch.set_float32_matmul_precision ("high" allows TF32 on NVIDIA GPUs).
+    weights NHWC, `matmul_precision` is torch.set_float32_matmul_precision ("high" allows TF32 on NVIDIA GPUs),
+    `adam_impl` picks torch's Adam kernel (None: torch's choice, foreach on GPUs; "fused" cannot be combined with
+    the Trainer's gradient clipping under mixed precision, which Lightning refuses).
     Mixed precision is the Trainer's `precision: bf16-mixed`; the data's `device_resident` keeps images on the GPU.
     """
 
@@ -59,6 +62,7 @@ class PretrainModule(pl.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         matmul_precision: MatmulPrecision | None = None,
+        adam_impl: AdamImpl | None = None,
     ) -> None:
         super().__init__()
         if mode not in ENCODER_MODES:
@@ -135,7 +139,9 @@ class PretrainModule(pl.LightningModule):
         checkpoint["pretrain_seed"] = None if seed is None else int(seed)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), eps=1e-8)
+        impl = {None: {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), eps=1e-8,
+                                     **impl[self.hparams.adam_impl])
         warmup = max(self.hparams.warmup_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -24,6 +24,7 @@ from trajrep.selection import best_epochs, summarise
 
 PAPER_LEARNING_RATES = [1e-3, 7.5e-4, 5e-4, 2.5e-4, 1e-4, 5e-5]
 MIXERS = ("gru", "transformer", "continuous")
+ATTENTION_HEADS = ("transformer", "continuous")
 # Members per chunk, the fastest on a 2-core CPU (fewer, larger kernels vs activations that stay in cache):
 # `python benchmarks/probe_grid.py --chunks` measures them. Kinds not listed train as one chunk.
 MEMBER_CHUNK = {"mlp": 16, "concat": 16, "mean": 16, "weighted": 16, "gru": 6, "transformer": 3, "continuous": 3}
@@ -203,10 +204,25 @@ class ProbeModule(pl.LightningModule):
             "test_acc": float(test[g]),
         } for g, m in enumerate(self.members)]
 
+    @torch.no_grad()
+    def mean_test_attention(self) -> torch.Tensor:
+        """(G, T + 1): each member's CLS attention over the time tokens (CLS key last), averaged over heads and
+        test examples, with the weights at the end of training."""
+        was_training, total, count = self.training, 0.0, 0
+        self.eval()
+        for x, _ in self.trainer.datamodule.test_dataloader():
+            _, attention = self(x.to(self.device), return_attention=True)
+            total, count = total + attention.sum(dim=1), count + x.shape[0]
+        self.train(was_training)
+        return total / count
+
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
         records = self.member_records()
+        if self.hparams.kind in ATTENTION_HEADS:
+            for record, weights in zip(records, self.mean_test_attention().tolist()):
+                record["attention"] = weights
         datamodule = self.trainer.datamodule
         context = {
             **getattr(datamodule, "metadata", {}),

@@ -131,14 +131,15 @@ class RepresentationDataModule(ProbeData):
         # Local import: the probe side reaches the pretraining side only to build a missing cache.
         from trajrep.extract import extraction_identity, load_pretrained_model
 
-        if not 0.0 < val_fraction < 1.0:
-            raise TrajrepError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_val_fraction(val_fraction)
         grid = build_time_grid(times, granularities)
         served = grid if probe_times is None else [grid[i] for i in select_times(grid, probe_times)]
         model = load_pretrained_model(checkpoint, ema)
         super().__init__(served, images.num_classes, images.task_names, model.latent_dim, seeds, batch_size,
                          eval_batch_size)
-        self.save_hyperparameters(ignore=["images"])
+        # `times` (explicit grid points) is left out: a logger merges these hparams with the ProbeModule's, whose
+        # `times` are the served times, and refuses keys with different values.
+        self.save_hyperparameters(ignore=["images", "times"])
         self.images, self.grid, self._model = images, grid, model
         identity = extraction_identity(model, images, grid, ema, dtype, ("train", "test"))
         self.cache_path = Path(cache_dir) / cache_key(identity)
@@ -147,6 +148,7 @@ class RepresentationDataModule(ProbeData):
             "encoder_mode": model.hparams.mode,
             "latent_dim": self.feature_dim,
             "pretrain_seed": model.pretrain_seed,
+            "pretrain_steps": model.pretrain_steps,
             "checkpoint": str(checkpoint),
             "cache_key": self.cache_path.name,
             "weights": "ema" if ema else "raw",
@@ -168,14 +170,51 @@ class RepresentationDataModule(ProbeData):
             return
         cache = RepresentationCache(self.cache_path)
         indices = select_times(cache.times, self.times)
-        train_x = torch.from_numpy(cache.representations("train", indices)).float()
-        train_y = torch.from_numpy(cache.labels("train"))
-        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.hparams.split_seed))
-        num_val = round(self.hparams.val_fraction * len(train_x))
-        val_rows, train_rows = order[:num_val], order[num_val:]
-        self._tensors = {
-            "train": (train_x[train_rows], train_y[train_rows]),
-            "val": (train_x[val_rows], train_y[val_rows]),
-            "test": (torch.from_numpy(cache.representations("test", indices)).float(),
-                     torch.from_numpy(cache.labels("test"))),
-        }
+        train = (torch.from_numpy(cache.representations("train", indices)).float(),
+                 torch.from_numpy(cache.labels("train")))
+        test = (torch.from_numpy(cache.representations("test", indices)).float(),
+                torch.from_numpy(cache.labels("test")))
+        self._tensors = split_stages(train, test, self.hparams.val_fraction, self.hparams.split_seed)
+
+
+class PixelProbeData(ProbeData):
+    """The raw-pixel control: each image's normalised pixels as one representation (N, 1, C*H*W), split into
+    train/val exactly as RepresentationDataModule splits the same images. Probe it with the `mlp` head."""
+
+    def __init__(self, images: ImageDataModule, val_fraction: float = 0.1, split_seed: int = 0,
+                 seeds: list[int] = [0, 1, 2, 3, 4], batch_size: int = 256, eval_batch_size: int = 1024) -> None:
+        check_val_fraction(val_fraction)
+        channels, height, width = images.image_shape
+        super().__init__([0.0], images.num_classes, images.task_names, channels * height * width, seeds, batch_size,
+                         eval_batch_size)
+        self.save_hyperparameters(ignore=["images"])
+        self.images = images
+        identity = images.identity()
+        self.metadata = {"dataset": identity["dataset"].rsplit(".", 1)[-1], "encoder_mode": "pixels",
+                         "latent_dim": self.feature_dim, "pretrain_seed": None, "pretrain_steps": None,
+                         "cache_key": "pixels-" + cache_key(identity)}
+
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = DataLoader(self.images.dataset(split), batch_size=1024)
+        images, labels = map(torch.cat, zip(*loader))
+        return self.images.normalize(images).flatten(1).unsqueeze(1), labels
+
+    def setup(self, stage: str) -> None:
+        if not self._tensors:
+            self._tensors = split_stages(self._split("train"), self._split("test"), self.hparams.val_fraction,
+                                         self.hparams.split_seed)
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise TrajrepError(f"val_fraction must be in (0, 1), got {val_fraction}")
+
+
+def split_stages(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                 val_fraction: float, split_seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{train, val, test}: a fixed random `val_fraction` of the official training split becomes validation."""
+    order = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(split_seed))
+    num_val = round(val_fraction * len(train[0]))
+    val_rows, train_rows = order[:num_val], order[num_val:]
+    return {"train": (train[0][train_rows], train[1][train_rows]), "val": (train[0][val_rows], train[1][val_rows]),
+            "test": test}

@@ -1,0 +1,241 @@
+"""The paper-style table and figures, built from probe result files alone.
+
+    python -m trajrep.report RESULTS_DIR [--out DIR] [--wandb-project P --wandb-group G]
+
+A row is one (dataset, encoder, d_z, grid granularity g, task); an encoder is its pretraining mode, prefixed with
+"untrained" for the randomly initialised control (0 pretraining steps), or "pixels" for the raw-pixel control.
+A cell is the mean ± std over pretraining seeds of the probe's selected test accuracy (for `mlp`, at the best
+single t chosen on validation).
+"mixer - best t" is the mean difference over pretraining seeds with a 95 % t-interval (none with one seed).
+"""
+
+import argparse
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from scipy import stats
+
+from trajrep.results import read_results
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+COLUMNS = {"mlp": "best single t", "concat": "concat", "mean": "mean", "weighted": "weighted", "gru": "GRU",
+           "transformer": "Transformer", "continuous": "continuous"}
+MIXERS = ("gru", "transformer", "continuous")
+ROW_FIELDS = ("dataset", "encoder", "latent_dim", "g", "task")
+
+
+def encoder_label(context: dict) -> str:
+    if context.get("encoder_mode") == "pixels":
+        return "pixels"
+    mode = str(context.get("encoder_mode"))
+    return f"untrained {mode}" if context.get("pretrain_steps") == 0 else mode
+
+
+class Collected:
+    """Selected accuracies per (row, probe) and MLP accuracies per (row, t), each a list over pretraining seeds."""
+
+    def __init__(self) -> None:
+        self.cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.per_time: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.attention: dict[tuple, list[list[float]]] = defaultdict(list)
+        self.times: dict[tuple, list[float]] = {}
+
+    def add(self, results: dict) -> None:
+        context, summary = results["context"], results["summary"]
+        probe = context["probe"]
+        for task, selected in summary.items():
+            grid = len(context["times"]) - 1 if len(context["times"]) > 1 else "-"
+            row = (context.get("dataset"), encoder_label(context), context.get("latent_dim"), grid, task)
+            self.cells[row][probe].append(selected["test_acc_mean"])
+            for entry in selected.get("per_time", []):
+                self.per_time[row][entry["time"]].append(entry["test_acc_mean"])
+            chosen = [r["attention"] for r in results["records"]
+                      if r["task"] == task and r["lr"] == selected["lr"] and "attention" in r]
+            if chosen and probe == "transformer":
+                self.attention[row].append(np.mean(chosen, axis=0).tolist())
+                self.times[row] = context["times"]
+
+
+def collect(results_dir: str | Path) -> Collected:
+    """Every result file under `results_dir` (checked against its checksum)."""
+    collected = Collected()
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        collected.add(read_results(path))
+    return collected
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def difference_interval(mixer: list[float], single: list[float]) -> tuple[float, float | None]:
+    """Mean of mixer - best t over paired pretraining seeds and the half-width of its 95 % t-interval."""
+    differences = np.array(mixer) - np.array(single)
+    if len(differences) < 2:
+        return float(differences.mean()), None
+    half = stats.t.ppf(0.975, len(differences) - 1) * differences.std(ddof=1) / math.sqrt(len(differences))
+    return float(differences.mean()), float(half)
+
+
+def table_rows(collected: Collected) -> list[dict]:
+    """One dict per row: its fields, then per probe (mean, std, seeds) and per mixer (difference, half-width)."""
+    rows = []
+    for row in sorted(collected.cells, key=lambda r: tuple(str(v) for v in r)):
+        cells = collected.cells[row]
+        entry = dict(zip(ROW_FIELDS, row))
+        for probe in COLUMNS:
+            entry[probe] = (*mean_std(cells[probe]), len(cells[probe])) if cells.get(probe) else None
+        for mixer in MIXERS:
+            paired = cells.get(mixer) and cells.get("mlp") and len(cells[mixer]) == len(cells["mlp"])
+            entry[f"{mixer}-best_t"] = difference_interval(cells[mixer], cells["mlp"]) if paired else None
+        rows.append(entry)
+    return rows
+
+
+def _cell(value: tuple | None) -> str:
+    return "" if value is None else f"{100 * value[0]:.2f} ± {100 * value[1]:.2f}"
+
+
+def _difference(value: tuple | None) -> str:
+    if value is None:
+        return ""
+    return f"{100 * value[0]:+.2f}" + ("" if value[1] is None else f" ± {100 * value[1]:.2f}")
+
+
+def _text_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = [*ROW_FIELDS, *COLUMNS.values(), *(f"{COLUMNS[m]} - best t" for m in MIXERS)]
+    body = [[str(row[f]) for f in ROW_FIELDS] + [_cell(row[p]) for p in COLUMNS]
+            + [_difference(row[f"{m}-best_t"]) for m in MIXERS] for row in rows]
+    return header, body
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    """table.md, table.csv (numbers unrounded) and table.tex."""
+    header, body = _text_table(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    seeds = sorted({row[p][2] for row in rows for p in COLUMNS if row[p]})
+    note = (f"Test accuracy (%), mean ± std over pretraining seeds (n = {', '.join(map(str, seeds))}); "
+            "differences with a 95 % t-interval over paired seeds.")
+    (out / "table.md").write_text("\n".join([note, "", *lines]) + "\n")
+    with open(out / "table.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*ROW_FIELDS, *(f"{p}_{s}" for p in COLUMNS for s in ("mean", "std", "seeds")),
+                         *(f"{m}_minus_best_t_{s}" for m in MIXERS for s in ("mean", "ci95"))])
+        for row in rows:
+            writer.writerow([row[f] for f in ROW_FIELDS]
+                            + [v for p in COLUMNS for v in (row[p] or ("", "", ""))]
+                            + [v for m in MIXERS for v in (row[f"{m}-best_t"] or ("", ""))])
+    escape = str.maketrans({"_": r"\_", "%": r"\%", "±": r"$\pm$"})
+    tex = [r"\begin{tabular}{" + "l" * len(ROW_FIELDS) + "r" * (len(header) - len(ROW_FIELDS)) + "}", r"\hline",
+           " & ".join(h.translate(escape) for h in header) + r" \\", r"\hline"]
+    tex += [" & ".join(c.translate(escape) for c in cells) + r" \\" for cells in body]
+    (out / "table.tex").write_text("\n".join([*tex, r"\hline", r"\end{tabular}"]) + "\n")
+
+
+def _panels(keys: list[tuple]) -> tuple[plt.Figure, list[plt.Axes]]:
+    columns = min(len(keys), 4)
+    rows = math.ceil(len(keys) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    return figure, list(axes.flat)
+
+
+def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
+    """MLP test accuracy at every t (mean ± std over pretraining seeds), mixers as horizontal lines."""
+    keys = [row for row in sorted(collected.per_time, key=lambda r: tuple(map(str, r)))
+            if len(collected.per_time[row]) > 1]  # not the pixel control's single "time"
+    if not keys:
+        return
+    figure, axes = _panels(keys)
+    for ax, row in zip(axes, keys):
+        times = sorted(collected.per_time[row])
+        stats_at = [mean_std(collected.per_time[row][t]) for t in times]
+        means, stds = (np.array(v) * 100 for v in zip(*stats_at))
+        ax.plot(times, means, "o-", color="black", label="MLP at t")
+        ax.fill_between(times, means - stds, means + stds, color="black", alpha=0.15)
+        for mixer, colour in zip(MIXERS + ("concat",), ("tab:blue", "tab:red", "tab:green", "tab:grey")):
+            if collected.cells[row].get(mixer):
+                ax.axhline(100 * np.mean(collected.cells[row][mixer]), color=colour, ls="--", label=COLUMNS[mixer])
+        ax.set(title=" / ".join(map(str, row)), xlabel="t", ylabel="test accuracy (%)")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_attention_over_t(collected: Collected, path: Path) -> None:
+    """The Transformer's CLS attention over the time tokens (selected lr, mean over probe seeds), ± std over
+    pretraining seeds; the weight on the CLS key itself is left out."""
+    keys = sorted(collected.attention, key=lambda r: tuple(map(str, r)))
+    if not keys:
+        return
+    figure, axes = _panels(keys)
+    for ax, row in zip(axes, keys):
+        weights = np.array(collected.attention[row])[:, :-1]
+        times = collected.times[row]
+        ax.errorbar(times, weights.mean(axis=0), yerr=weights.std(axis=0, ddof=1) if len(weights) > 1 else None,
+                    fmt="o-", capsize=2)
+        ax.set(title=" / ".join(map(str, row)), xlabel="t", ylabel="CLS attention")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def log_to_wandb(rows: list[dict], collected: Collected, out: Path, project: str, group: str,
+                 run_dir: Path) -> None:
+    """The results table and the accuracy-vs-t line plot as W&B tables, the figures as images (one run)."""
+    import wandb
+
+    header, body = _text_table(rows)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, group=group, job_type="report", dir=str(run_dir), name=f"report-{group}")
+    points = wandb.Table(columns=["row", "t", "test_acc"], data=[
+        [" / ".join(map(str, row)), t, 100 * float(np.mean(values))]
+        for row, by_time in collected.per_time.items() for t, values in sorted(by_time.items())])
+    run.log({
+        "results_table": wandb.Table(columns=header, data=body),
+        "accuracy_vs_t_table": points,
+        "accuracy_vs_t": wandb.plot.line(points, "t", "test_acc", stroke="row", title="MLP test accuracy over t"),
+        **{name: wandb.Image(str(out / f"{name}.png")) for name in ("accuracy_vs_t", "attention_over_t")
+           if (out / f"{name}.png").exists()},
+    })
+    run.finish()
+
+
+def report(results_dir: str | Path, out: str | Path | None = None, wandb_project: str | None = None,
+           wandb_group: str | None = None, wandb_dir: str | Path = "runs") -> Path:
+    """Write table.md/csv/tex and the figures for every result file under `results_dir`; returns the out folder."""
+    out = Path(out or results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    collected = collect(results_dir)
+    rows = table_rows(collected)
+    write_tables(rows, out)
+    plot_accuracy_vs_t(collected, out / "accuracy_vs_t.png")
+    plot_attention_over_t(collected, out / "attention_over_t.png")
+    if wandb_project:
+        log_to_wandb(rows, collected, out, wandb_project, wandb_group or out.name, Path(wandb_dir))
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the results table and figures from probe result files.")
+    parser.add_argument("results_dir")
+    parser.add_argument("--out", default=None, help="output folder (default: results_dir)")
+    parser.add_argument("--wandb-project", default=None)
+    parser.add_argument("--wandb-group", default=None)
+    parser.add_argument("--wandb-dir", default="runs", help="where the W&B run folder goes (not under results/)")
+    options = parser.parse_args(args)
+    out = report(options.results_dir, options.out, options.wandb_project, options.wandb_group, options.wandb_dir)
+    print(out / "table.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The whole experiment for a preset: pretrain -> cache -> probe grids -> report, resumable stage by stage.
+
+    python -m trajrep.reproduce configs/presets/smoke.yaml      (make reproduce-table PRESET=smoke)
+
+A preset (configs/presets/*.yaml, the `Preset` fields) names the datasets (each with its pretraining config and
+the images its probes read), the encoder variants, the pretraining seeds, the time grids and the probe kinds.
+Every stage is skipped when its output exists and is valid, so a killed run picks up where it stopped:
+- a pretraining run is done once `fit` returned (a DONE marker); otherwise it resumes from its last checkpoint,
+  and the probe results built from the earlier checkpoint are removed;
+- caches are content-addressed (RepresentationDataModule reuses a valid one);
+- a probe grid is done when its result file exists and passes its checksum.
+Two controls come with every preset: the same probes on an untrained encoder of each variant, and the MLP on raw
+pixels. Outputs: runs/<preset>/ (checkpoints, logs; not in git), results/<preset>/ (records, tables, figures).
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse import ArgumentParser
+
+from trajrep.cli import build_cli, main as cli_main
+from trajrep.errors import TrajrepError
+from trajrep.report import report
+from trajrep.results import read_results
+from trajrep.timegrid import granularity_times
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class Encoder:
+    """One pretraining variant: a name for its runs and the CLI options that make it (mode, widths, ...)."""
+
+    name: str
+    args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Dataset:
+    """One dataset of a preset: a name for its runs, the pretraining config, and the images its probes read (an
+    image datamodule class and its arguments)."""
+
+    name: str
+    pretrain_config: str
+    images: str
+    images_args: dict = field(default_factory=dict)
+    pretrain_args: list[str] = field(default_factory=list)
+
+    @property
+    def images_config(self) -> dict:
+        return {"class_path": self.images, "init_args": self.images_args}
+
+
+@dataclass
+class Preset:
+    datasets: list[Dataset]
+    encoders: list[Encoder]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    pretrain_args: list[str] = field(default_factory=list)
+    grids: list[int] = field(default_factory=lambda: [10])
+    cache: dict = field(default_factory=dict)
+    probes: list[str] = field(default_factory=lambda: ["mlp", "concat", "mean", "weighted", "gru", "transformer",
+                                                        "continuous"])
+    probe_args: list[str] = field(default_factory=list)
+    wandb_project: str | None = None
+
+
+def load_preset(path: str | Path) -> Preset:
+    """Parse and check a preset file (unknown or mistyped keys fail here, with the key named)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Preset, nested_key="preset")
+    try:
+        config = parser.parse_object({"preset": _read_yaml(path)})
+    except Exception as error:  # jsonargparse reports which key is wrong
+        raise TrajrepError(f"preset {path} is not valid: {str(error).splitlines()[0]}") from None
+    return parser.instantiate_classes(config).preset
+
+
+def _read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrajrepError(f"preset file {path} not found; the presets are in configs/presets/")
+    return yaml.safe_load(path.read_text())
+
+
+def _in_repository(path: str) -> Path:
+    """A relative config path from the current folder, or else from the trajrep checkout (presets name both)."""
+    here = Path(path)
+    return here if here.is_absolute() or here.exists() else CONFIGS.parent / path
+
+
+class Reproduction:
+    """The stages of one preset; each method does its stage or skips it."""
+
+    def __init__(self, preset: Preset, name: str, runs: Path, results: Path) -> None:
+        self.preset, self.name = preset, name
+        self.runs, self.results = runs / name, results / name
+
+    def _logger_args(self, run: str, stage: str, run_dir: Path) -> list[str]:
+        """W&B for one stage, its folder (and the run's config.yaml) inside that stage's own run folder."""
+        if not self.preset.wandb_project:
+            return []
+        return ["--trainer.logger=WandbLogger", f"--trainer.logger.project={self.preset.wandb_project}",
+                f"--trainer.logger.group={self.name}", f"--trainer.logger.name={stage}-{run}",
+                f"--trainer.logger.save_dir={run_dir}"]
+
+    @staticmethod
+    def _fit(args: list[str]) -> None:
+        """One `trajrep fit`, then close its W&B run: Lightning leaves it open, and the next stage would reuse it."""
+        cli_main(["fit", *args])
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()
+
+    def _pretrain_args(self, dataset: Dataset, encoder: Encoder, seed: int, run_dir: Path) -> list[str]:
+        return ["--config", str(_in_repository(dataset.pretrain_config)), *self.preset.pretrain_args,
+                *dataset.pretrain_args, *encoder.args, f"--seed_everything={seed}",
+                f"--trainer.default_root_dir={run_dir}",
+                "--trainer.callbacks.init_args.dirpath", str(run_dir / "checkpoints")]
+
+    def pretrain(self, dataset: Dataset, encoder: Encoder, seed: int) -> Path:
+        """Train (or resume, or skip) one encoder variant at one seed; returns its final checkpoint."""
+        run = f"{dataset.name}-{encoder.name}-seed{seed}"
+        run_dir, done = self.runs / run, self.runs / run / "DONE"
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if done.exists() and last.exists():
+            return last
+        shutil.rmtree(self.results / "probes" / run, ignore_errors=True)  # built from an older checkpoint
+        resume = ["--ckpt_path", str(last)] if last.exists() else []
+        self._fit([*self._pretrain_args(dataset, encoder, seed, run_dir), *self._logger_args(run, "pretrain", run_dir),
+                   *resume])
+        done.write_text("fit returned\n")
+        return last
+
+    def untrained(self, dataset: Dataset, encoder: Encoder) -> Path:
+        """A checkpoint of the variant's randomly initialised model (0 steps): the untrained-encoder control."""
+        seed = self.preset.seeds[0]
+        path = self.runs / f"{dataset.name}-{encoder.name}-untrained" / "untrained.ckpt"
+        if path.exists():
+            return path
+        pl.seed_everything(seed)
+        cli = build_cli(self._pretrain_args(dataset, encoder, seed, path.parent), run=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save({"state_dict": cli.model.state_dict(), "hyper_parameters": dict(cli.model.hparams),
+                    "global_step": 0, "pretrain_seed": seed}, partial)
+        partial.replace(path)
+        return path
+
+    def _probe_done(self, folder: Path, kind: str) -> bool:
+        for path in folder.glob(f"{kind}-*.json"):
+            try:
+                read_results(path)
+                return True
+            except TrajrepError as error:
+                print(f"trajrep: redoing {kind} in {folder}: {error}")
+                path.unlink()
+        return False
+
+    def probe(self, run: str, kind: str, images: dict, data: list[str]) -> None:
+        """One probe kind's grid on one run's representations (or pixels), unless its results exist."""
+        folder = self.results / "probes" / run
+        if self._probe_done(folder, kind):
+            return
+        run_dir = self.runs / "probe" / run / kind
+        self._fit(["--config", str(CONFIGS / "probe" / f"{kind}.yaml"), *data, f"--data.images={json.dumps(images)}",
+                   f"--model.results_dir={folder}", f"--trainer.default_root_dir={run_dir}", *self.preset.probe_args,
+                   *self._logger_args(run.replace("/", "-"), kind, run_dir)])
+
+    def _representation_data(self, checkpoint: Path, grid: int) -> list[str]:
+        """Probe data for one grid, read from the cache of all the preset's grids (shared points extracted once)."""
+        probe_times = [float(t) for t in granularity_times(grid)]
+        return ["--data=RepresentationDataModule", f"--data.checkpoint={checkpoint}",
+                f"--data.granularities={json.dumps(self.preset.grids)}", f"--data.probe_times={json.dumps(probe_times)}",
+                *(f"--data.{key}={json.dumps(value)}" for key, value in self.preset.cache.items())]
+
+    def run(self) -> Path:
+        for dataset in self.preset.datasets:
+            checkpoints = {f"{dataset.name}-{e.name}-seed{s}": self.pretrain(dataset, e, s)
+                           for e in self.preset.encoders for s in self.preset.seeds}
+            checkpoints.update({f"{dataset.name}-{e.name}-untrained": self.untrained(dataset, e)
+                                for e in self.preset.encoders})
+            for run, checkpoint in checkpoints.items():
+                for grid in self.preset.grids:
+                    for kind in self.preset.probes:
+                        self.probe(f"{run}/g{grid}", kind, dataset.images_config,
+                                   self._representation_data(checkpoint, grid))
+            self.probe(f"{dataset.name}-pixels", "mlp", dataset.images_config, ["--data=PixelProbeData"])
+        return report(self.results / "probes", self.results, self.preset.wandb_project, self.name,
+                      wandb_dir=self.runs)
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run a preset's pipeline, skipping finished stages.")
+    parser.add_argument("preset", help="a preset file, e.g. configs/presets/smoke.yaml")
+    parser.add_argument("--runs", default="runs", help="checkpoints and logs (default: runs)")
+    parser.add_argument("--results", default="results", help="records, tables and figures (default: results)")
+    parser.add_argument("--wandb-project", default=None, help="log every stage to this W&B project (overrides the "
+                        "preset's); WANDB_MODE=offline works without an account")
+    options = parser.parse_args(args)
+    # Each stage is a LightningCLI given its own args while sys.argv holds ours: intended here, so not a warning.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    preset = load_preset(options.preset)
+    preset.wandb_project = options.wandb_project or preset.wandb_project
+    out = Reproduction(preset, Path(options.preset).stem, Path(options.runs), Path(options.results)).run()
+    print(f"table: {out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
