@@ -28,7 +28,7 @@ quickstart:
 
 # Every speed benchmark, each printing ratios against a baseline measured in the same run (benchmarks/RESULTS.md).
 bench:
-	$(BIN)/python benchmarks/pretrain.py --steps 6
+	$(BIN)/python benchmarks/pretrain.py
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/probe_grid.py --epochs 1 --train 2304
 	$(BIN)/python benchmarks/cache_dtype.py

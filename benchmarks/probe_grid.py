@@ -119,7 +119,7 @@ def vectorised(kind: str, data: dict, epochs: int, times: list[float], member_ch
     probe_data = ProbeData.from_tensors(data, times, [10], SEEDS, task_names=["class"])
     module = ProbeModule(kind=kind, seeds=SEEDS, num_classes=[10], task_names=["class"],
                          feature_dim=probe_data.feature_dim, times=times, results_dir="/tmp/trajrep-bench",
-                         member_chunk=member_chunk)
+                         member_chunk=member_chunk, export_attention=False)  # work the sequential side skips
     pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(module, probe_data)
     records = module.member_records()

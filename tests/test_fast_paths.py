@@ -56,6 +56,7 @@ def _restore_matmul_precision():
 ], ids=["channels_last", "matmul_precision", "device_resident", "foreach_adam", "fused_adam", "bf16", "compile"])
 def test_fast_path_keeps_the_training_losses(switch, rtol, reference_losses):
     losses = train_losses(**switch)
+    assert torch.get_float32_matmul_precision() == "highest"  # a process-wide setting is put back after fit
     assert len(losses) == len(reference_losses) == STEPS
     assert reference_losses[-1] != reference_losses[0]  # the steps train, so a wrong update would show
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=rtol, atol=0)

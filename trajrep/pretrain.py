@@ -77,13 +77,19 @@ class PretrainModule(pl.LightningModule):
                                    num_res_blocks, tuple(attn_resolutions), dropout, latent_bottleneck)
 
     def configure_model(self) -> None:
-        if self.hparams.matmul_precision is not None:
+        if self.hparams.matmul_precision is not None:  # process-wide: put back in teardown
+            self._previous_matmul_precision = torch.get_float32_matmul_precision()
             torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
         if self.hparams.compile:  # the inner networks: Lightning's hooks stay eager and checkpoints keep their keys
             self.encoder.compile()
             self.score_net.compile()
+
+    def teardown(self, stage: str) -> None:
+        previous = self.__dict__.pop("_previous_matmul_precision", None)
+        if previous is not None:
+            torch.set_float32_matmul_precision(previous)
 
     @property
     def latent_dim(self) -> int:

@@ -53,7 +53,8 @@ class ProbeModule(pl.LightningModule):
     The members are split into chunks of `member_chunk` (default: MEMBER_CHUNK for the kind), one grouped head
     each; a training step runs each chunk's forward and backward back to back, so that its activations are still
     in the CPU's cache for the backward pass. On a GPU, where one large kernel is best, set member_chunk to the
-    grid size.
+    grid size. With `export_attention`, the attention heads' records also carry each member's mean CLS attention
+    over the time tokens on the test split (one extra pass at the end).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class ProbeModule(pl.LightningModule):
         head_kwargs: dict[str, Any] | None = None,
         results_dir: str = "results/probes",
         member_chunk: int | None = None,
+        export_attention: bool = True,
     ) -> None:
         super().__init__()
         if kind not in HEADS:
@@ -86,7 +88,7 @@ class ProbeModule(pl.LightningModule):
             {"task": k, "time_index": i, "lr": lr, "seed": seed}
             for k, i, lr, seed in itertools.product(range(len(num_classes)), time_indices, learning_rates, seeds)
         ]
-        chunk = member_chunk or MEMBER_CHUNK.get(kind, len(self.members))
+        chunk = member_chunk if member_chunk is not None else MEMBER_CHUNK.get(kind, len(self.members))
         if chunk < 1:
             raise TrajrepError(f"member_chunk must be >= 1 (members trained together), got {chunk}")
         self.chunks = [slice(start, min(start + chunk, len(self.members))) for start in range(0, len(self.members), chunk)]
@@ -116,11 +118,20 @@ class ProbeModule(pl.LightningModule):
         Head options (return_attention, key_mask for the attention heads) pass through; with return_attention
         the result is (logits, attention (G, B, T + 1))."""
         t = self.times if t is None else t
-        outputs = [head(x, t, **head_kwargs) for head in self.heads]
+        key_mask = head_kwargs.pop("key_mask", None)
+        outputs = [head(x, t, **head_kwargs, **self._chunk_of(key_mask, part))
+                   for head, part in zip(self.heads, self.chunks)]
         if head_kwargs.get("return_attention"):
             logits, attention = (torch.cat(parts) for parts in zip(*outputs))
             return self._mask_logits(logits, slice(None)), attention
         return self._mask_logits(torch.cat(outputs), slice(None))
+
+    @staticmethod
+    def _chunk_of(key_mask: torch.Tensor | None, part: slice) -> dict:
+        """The key_mask argument for one chunk's head: a per-member (G, B, T + 1) mask is sliced to the chunk."""
+        if key_mask is None:
+            return {}
+        return {"key_mask": key_mask[part] if key_mask.dim() == 3 else key_mask}
 
     def _mask_logits(self, logits: torch.Tensor, part: slice) -> torch.Tensor:
         return logits.masked_fill(self.logit_mask[part, None, :], float("-inf"))
@@ -220,7 +231,7 @@ class ProbeModule(pl.LightningModule):
         if not self.trainer.is_global_zero:
             return
         records = self.member_records()
-        if self.hparams.kind in ATTENTION_HEADS:
+        if self.hparams.kind in ATTENTION_HEADS and self.hparams.export_attention:
             for record, weights in zip(records, self.mean_test_attention().tolist()):
                 record["attention"] = weights
         datamodule = self.trainer.datamodule

@@ -19,6 +19,7 @@ import matplotlib
 import numpy as np
 from scipy import stats
 
+from trajrep.errors import TrajrepError
 from trajrep.results import read_results
 
 matplotlib.use("Agg")
@@ -37,28 +38,36 @@ def encoder_label(context: dict) -> str:
     return f"untrained {mode}" if context.get("pretrain_steps") == 0 else mode
 
 
+def row_order(row: tuple) -> tuple:
+    """Sort key: numbers numerically (g = 2 before 10), then text."""
+    return tuple((0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value)) for value in row)
+
+
 class Collected:
-    """Selected accuracies per (row, probe) and MLP accuracies per (row, t), each a list over pretraining seeds."""
+    """Selected accuracies per (row, probe) and MLP accuracies per (row, t), each keyed by pretraining seed."""
 
     def __init__(self) -> None:
-        self.cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.per_time: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.attention: dict[tuple, list[list[float]]] = defaultdict(list)
+        self.cells: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
+        self.per_time: dict[tuple, dict[float, dict]] = defaultdict(lambda: defaultdict(dict))
+        self.attention: dict[tuple, dict] = defaultdict(dict)
         self.times: dict[tuple, list[float]] = {}
 
-    def add(self, results: dict) -> None:
+    def add(self, results: dict, path: Path) -> None:
         context, summary = results["context"], results["summary"]
-        probe = context["probe"]
+        probe, seed = context["probe"], context.get("pretrain_seed")
         for task, selected in summary.items():
             grid = len(context["times"]) - 1 if len(context["times"]) > 1 else "-"
             row = (context.get("dataset"), encoder_label(context), context.get("latent_dim"), grid, task)
-            self.cells[row][probe].append(selected["test_acc_mean"])
+            if seed in self.cells[row][probe]:
+                raise TrajrepError(f"{path} repeats {probe} for pretraining seed {seed} of row {row}; remove the "
+                                   "stale result file")
+            self.cells[row][probe][seed] = selected["test_acc_mean"]
             for entry in selected.get("per_time", []):
-                self.per_time[row][entry["time"]].append(entry["test_acc_mean"])
+                self.per_time[row][entry["time"]][seed] = entry["test_acc_mean"]
             chosen = [r["attention"] for r in results["records"]
                       if r["task"] == task and r["lr"] == selected["lr"] and "attention" in r]
             if chosen and probe == "transformer":
-                self.attention[row].append(np.mean(chosen, axis=0).tolist())
+                self.attention[row][seed] = np.mean(chosen, axis=0).tolist()
                 self.times[row] = context["times"]
 
 
@@ -66,12 +75,13 @@ def collect(results_dir: str | Path) -> Collected:
     """Every result file under `results_dir` (checked against its checksum)."""
     collected = Collected()
     for path in sorted(Path(results_dir).rglob("*.json")):
-        collected.add(read_results(path))
+        collected.add(read_results(path), path)
     return collected
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (None for a single value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def difference_interval(mixer: list[float], single: list[float]) -> tuple[float, float | None]:
@@ -84,22 +94,28 @@ def difference_interval(mixer: list[float], single: list[float]) -> tuple[float,
 
 
 def table_rows(collected: Collected) -> list[dict]:
-    """One dict per row: its fields, then per probe (mean, std, seeds) and per mixer (difference, half-width)."""
+    """One dict per row: its fields, then per probe (mean, std, seeds) and per mixer (difference, half-width)
+    over the pretraining seeds that both the mixer and the MLP have."""
     rows = []
-    for row in sorted(collected.cells, key=lambda r: tuple(str(v) for v in r)):
+    for row in sorted(collected.cells, key=row_order):
         cells = collected.cells[row]
         entry = dict(zip(ROW_FIELDS, row))
         for probe in COLUMNS:
-            entry[probe] = (*mean_std(cells[probe]), len(cells[probe])) if cells.get(probe) else None
+            values = list(cells.get(probe, {}).values())
+            entry[probe] = (*mean_std(values), len(values)) if values else None
         for mixer in MIXERS:
-            paired = cells.get(mixer) and cells.get("mlp") and len(cells[mixer]) == len(cells["mlp"])
-            entry[f"{mixer}-best_t"] = difference_interval(cells[mixer], cells["mlp"]) if paired else None
+            seeds = sorted(set(cells.get(mixer, {})) & set(cells.get("mlp", {})), key=str)
+            entry[f"{mixer}-best_t"] = difference_interval([cells[mixer][s] for s in seeds],
+                                                           [cells["mlp"][s] for s in seeds]) if seeds else None
         rows.append(entry)
     return rows
 
 
 def _cell(value: tuple | None) -> str:
-    return "" if value is None else f"{100 * value[0]:.2f} ± {100 * value[1]:.2f}"
+    """mean ± std in percent; a single seed has no spread to show."""
+    if value is None:
+        return ""
+    return f"{100 * value[0]:.2f}" + (f" ± {100 * value[1]:.2f}" if value[2] > 1 else "")
 
 
 def _difference(value: tuple | None) -> str:
@@ -130,8 +146,8 @@ def write_tables(rows: list[dict], out: Path) -> None:
                          *(f"{m}_minus_best_t_{s}" for m in MIXERS for s in ("mean", "ci95"))])
         for row in rows:
             writer.writerow([row[f] for f in ROW_FIELDS]
-                            + [v for p in COLUMNS for v in (row[p] or ("", "", ""))]
-                            + [v for m in MIXERS for v in (row[f"{m}-best_t"] or ("", ""))])
+                            + ["" if v is None else v for p in COLUMNS for v in (row[p] or ("", "", ""))]
+                            + ["" if v is None else v for m in MIXERS for v in (row[f"{m}-best_t"] or ("", ""))])
     escape = str.maketrans({"_": r"\_", "%": r"\%", "±": r"$\pm$"})
     tex = [r"\begin{tabular}{" + "l" * len(ROW_FIELDS) + "r" * (len(header) - len(ROW_FIELDS)) + "}", r"\hline",
            " & ".join(h.translate(escape) for h in header) + r" \\", r"\hline"]
@@ -150,20 +166,22 @@ def _panels(keys: list[tuple]) -> tuple[plt.Figure, list[plt.Axes]]:
 
 def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
     """MLP test accuracy at every t (mean ± std over pretraining seeds), mixers as horizontal lines."""
-    keys = [row for row in sorted(collected.per_time, key=lambda r: tuple(map(str, r)))
+    keys = [row for row in sorted(collected.per_time, key=row_order)
             if len(collected.per_time[row]) > 1]  # not the pixel control's single "time"
     if not keys:
         return
     figure, axes = _panels(keys)
     for ax, row in zip(axes, keys):
         times = sorted(collected.per_time[row])
-        stats_at = [mean_std(collected.per_time[row][t]) for t in times]
-        means, stds = (np.array(v) * 100 for v in zip(*stats_at))
+        stats_at = [mean_std(list(collected.per_time[row][t].values())) for t in times]
+        means = 100 * np.array([mean for mean, _ in stats_at])
+        stds = 100 * np.array([std or 0.0 for _, std in stats_at])
         ax.plot(times, means, "o-", color="black", label="MLP at t")
         ax.fill_between(times, means - stds, means + stds, color="black", alpha=0.15)
         for mixer, colour in zip(MIXERS + ("concat",), ("tab:blue", "tab:red", "tab:green", "tab:grey")):
             if collected.cells[row].get(mixer):
-                ax.axhline(100 * np.mean(collected.cells[row][mixer]), color=colour, ls="--", label=COLUMNS[mixer])
+                ax.axhline(100 * np.mean(list(collected.cells[row][mixer].values())), color=colour, ls="--",
+                           label=COLUMNS[mixer])
         ax.set(title=" / ".join(map(str, row)), xlabel="t", ylabel="test accuracy (%)")
         ax.legend(fontsize=7)
     figure.tight_layout()
@@ -174,12 +192,12 @@ def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
 def plot_attention_over_t(collected: Collected, path: Path) -> None:
     """The Transformer's CLS attention over the time tokens (selected lr, mean over probe seeds), ± std over
     pretraining seeds; the weight on the CLS key itself is left out."""
-    keys = sorted(collected.attention, key=lambda r: tuple(map(str, r)))
+    keys = sorted(collected.attention, key=row_order)
     if not keys:
         return
     figure, axes = _panels(keys)
     for ax, row in zip(axes, keys):
-        weights = np.array(collected.attention[row])[:, :-1]
+        weights = np.array(list(collected.attention[row].values()))[:, :-1]
         times = collected.times[row]
         ax.errorbar(times, weights.mean(axis=0), yerr=weights.std(axis=0, ddof=1) if len(weights) > 1 else None,
                     fmt="o-", capsize=2)
@@ -198,7 +216,7 @@ def log_to_wandb(rows: list[dict], collected: Collected, out: Path, project: str
     run_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=project, group=group, job_type="report", dir=str(run_dir), name=f"report-{group}")
     points = wandb.Table(columns=["row", "t", "test_acc"], data=[
-        [" / ".join(map(str, row)), t, 100 * float(np.mean(values))]
+        [" / ".join(map(str, row)), t, 100 * float(np.mean(list(values.values())))]
         for row, by_time in collected.per_time.items() for t, values in sorted(by_time.items())])
     run.log({
         "results_table": wandb.Table(columns=header, data=body),
