@@ -52,7 +52,7 @@ def main() -> None:
     @torch.no_grad()
     def encoder_forward():
         """Plain forward passes of the same size as extraction's, no data handling or writing."""
-        inputs = x0[:1].expand(pass_size, *x0.shape[1:])
+        inputs = x0.repeat(-(-pass_size // len(x0)), 1, 1, 1)[:pass_size]  # real, contiguous images
         encoder.representation(inputs, sde.log_sigma(torch.full((pass_size,), 0.5)))
 
     @torch.no_grad()

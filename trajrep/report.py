@@ -7,6 +7,7 @@ A row is one (dataset, encoder, d_z, grid granularity g, task); an encoder is it
 A cell is the mean ± std over pretraining seeds of the probe's selected test accuracy (for `mlp`, at the best
 single t chosen on validation).
 "mixer - best t" is the mean difference over pretraining seeds with a 95 % t-interval (none with one seed).
+"CKA across t" is the mean linear CKA between the representations at two different times (trajrep.similarity).
 """
 
 import argparse
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torch
 from scipy import stats
 
 from trajrep.errors import TrajrepError
 from trajrep.results import read_results
+from trajrep.similarity import mean_off_diagonal
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -50,6 +53,7 @@ class Collected:
         self.cells: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
         self.per_time: dict[tuple, dict[float, dict]] = defaultdict(lambda: defaultdict(dict))
         self.attention: dict[tuple, dict] = defaultdict(dict)
+        self.cka: dict[tuple, dict] = defaultdict(dict)
         self.times: dict[tuple, list[float]] = {}
 
     def add(self, results: dict, path: Path) -> None:
@@ -62,6 +66,8 @@ class Collected:
                 raise TrajrepError(f"{path} repeats {probe} for pretraining seed {seed} of row {row}; remove the "
                                    "stale result file")
             self.cells[row][probe][seed] = selected["test_acc_mean"]
+            if "linear_cka" in context:
+                self.cka[row][seed] = mean_off_diagonal(torch.tensor(context["linear_cka"]))
             for entry in selected.get("per_time", []):
                 self.per_time[row][entry["time"]][seed] = entry["test_acc_mean"]
             chosen = [r["attention"] for r in results["records"]
@@ -103,6 +109,8 @@ def table_rows(collected: Collected) -> list[dict]:
         for probe in COLUMNS:
             values = list(cells.get(probe, {}).values())
             entry[probe] = (*mean_std(values), len(values)) if values else None
+        cka = list(collected.cka.get(row, {}).values())
+        entry["cka"] = (*mean_std(cka), len(cka)) if cka else None
         for mixer in MIXERS:
             seeds = sorted(set(cells.get(mixer, {})) & set(cells.get("mlp", {})), key=str)
             entry[f"{mixer}-best_t"] = difference_interval([cells[mixer][s] for s in seeds],
@@ -125,9 +133,10 @@ def _difference(value: tuple | None) -> str:
 
 
 def _text_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = [*ROW_FIELDS, *COLUMNS.values(), *(f"{COLUMNS[m]} - best t" for m in MIXERS)]
+    header = [*ROW_FIELDS, *COLUMNS.values(), *(f"{COLUMNS[m]} - best t" for m in MIXERS), "CKA across t"]
     body = [[str(row[f]) for f in ROW_FIELDS] + [_cell(row[p]) for p in COLUMNS]
-            + [_difference(row[f"{m}-best_t"]) for m in MIXERS] for row in rows]
+            + [_difference(row[f"{m}-best_t"]) for m in MIXERS]
+            + ["" if row["cka"] is None else f"{row['cka'][0]:.3f}"] for row in rows]
     return header, body
 
 
@@ -138,16 +147,18 @@ def write_tables(rows: list[dict], out: Path) -> None:
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     seeds = sorted({row[p][2] for row in rows for p in COLUMNS if row[p]})
     note = (f"Test accuracy (%), mean ± std over pretraining seeds (n = {', '.join(map(str, seeds))}); "
-            "differences with a 95 % t-interval over paired seeds.")
+            "differences with a 95 % t-interval over paired seeds. CKA across t: mean linear CKA between the "
+            "test representations at every two times of the grid (1 = the same representation at every t).")
     (out / "table.md").write_text("\n".join([note, "", *lines]) + "\n")
     with open(out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*ROW_FIELDS, *(f"{p}_{s}" for p in COLUMNS for s in ("mean", "std", "seeds")),
-                         *(f"{m}_minus_best_t_{s}" for m in MIXERS for s in ("mean", "ci95"))])
+                         *(f"{m}_minus_best_t_{s}" for m in MIXERS for s in ("mean", "ci95")), "cka_mean"])
         for row in rows:
             writer.writerow([row[f] for f in ROW_FIELDS]
                             + ["" if v is None else v for p in COLUMNS for v in (row[p] or ("", "", ""))]
-                            + ["" if v is None else v for m in MIXERS for v in (row[f"{m}-best_t"] or ("", ""))])
+                            + ["" if v is None else v for m in MIXERS for v in (row[f"{m}-best_t"] or ("", ""))]
+                            + ["" if row["cka"] is None else row["cka"][0]])
     escape = str.maketrans({"_": r"\_", "%": r"\%", "±": r"$\pm$"})
     tex = [r"\begin{tabular}{" + "l" * len(ROW_FIELDS) + "r" * (len(header) - len(ROW_FIELDS)) + "}", r"\hline",
            " & ".join(h.translate(escape) for h in header) + r" \\", r"\hline"]

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from trajrep.data.base import ImageDataModule
 from trajrep.data.cache import RepresentationCache, cache_key
 from trajrep.errors import TrajrepError
+from trajrep.similarity import linear_cka
 from trajrep.timegrid import build_time_grid, select_times
 
 STAGES = ("train", "val", "test")
@@ -175,6 +176,8 @@ class RepresentationDataModule(ProbeData):
         test = (torch.from_numpy(cache.representations("test", indices)).float(),
                 torch.from_numpy(cache.labels("test")))
         self._tensors = split_stages(train, test, self.hparams.val_fraction, self.hparams.split_seed)
+        # Reported beside the accuracies: does the representation change along t at all?
+        self.metadata["linear_cka"] = linear_cka(test[0]).tolist()
 
 
 class PixelProbeData(ProbeData):
