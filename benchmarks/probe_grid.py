@@ -152,7 +152,8 @@ def chunk_sweep(kinds: list[str], data: dict, times: list[float]) -> None:
         members = len(PAPER_LEARNING_RATES) * len(SEEDS) * (len(times) if kind == "mlp" else 1)
         for chunk in sorted({members, 64, 32, 16, 10, 6, 3} - {c for c in (64, 32, 16) if c >= members}):
             flops, seconds = training_step(kind, data, times, chunk)
-            print(f"{kind:12s} member_chunk {chunk:4d}: step {seconds * 1e3:8.1f} ms, {flops / seconds / 1e9:6.1f} GFLOP/s")
+            print(f"{kind:12s} member_chunk {chunk:4d}: step {seconds * 1e3:8.1f} ms, "
+                  f"{flops / seconds / 1e9:6.1f} GFLOP/s")
 
 
 def main() -> None:

@@ -91,7 +91,7 @@ class ProbeModule(pl.LightningModule):
         chunk = member_chunk if member_chunk is not None else MEMBER_CHUNK.get(kind, len(self.members))
         if chunk < 1:
             raise TrajrepError(f"member_chunk must be >= 1 (members trained together), got {chunk}")
-        self.chunks = [slice(start, min(start + chunk, len(self.members))) for start in range(0, len(self.members), chunk)]
+        self.chunks = [slice(start, start + chunk) for start in range(0, len(self.members), chunk)]
         self.heads = torch.nn.ModuleList(self._build_head(self.members[part]) for part in self.chunks)
         self.register_buffer("times", torch.tensor(times, dtype=torch.float32), persistent=False)
         self.register_buffer("member_task", torch.tensor([m["task"] for m in self.members]), persistent=False)

@@ -179,7 +179,8 @@ class Reproduction:
         """Probe data for one grid, read from the cache of all the preset's grids (shared points extracted once)."""
         probe_times = [float(t) for t in granularity_times(grid)]
         return ["--data=RepresentationDataModule", f"--data.checkpoint={checkpoint}",
-                f"--data.granularities={json.dumps(self.preset.grids)}", f"--data.probe_times={json.dumps(probe_times)}",
+                f"--data.granularities={json.dumps(self.preset.grids)}",
+                f"--data.probe_times={json.dumps(probe_times)}",
                 *(f"--data.{key}={json.dumps(value)}" for key, value in self.preset.cache.items())]
 
     def run(self) -> Path:
