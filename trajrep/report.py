@@ -110,7 +110,7 @@ def table_rows(collected: Collected) -> list[dict]:
             values = list(cells.get(probe, {}).values())
             entry[probe] = (*mean_std(values), len(values)) if values else None
         cka = list(collected.cka.get(row, {}).values())
-        entry["cka"] = (*mean_std(cka), len(cka)) if cka else None
+        entry["cka"] = float(np.mean(cka)) if cka else None
         for mixer in MIXERS:
             seeds = sorted(set(cells.get(mixer, {})) & set(cells.get("mlp", {})), key=str)
             entry[f"{mixer}-best_t"] = difference_interval([cells[mixer][s] for s in seeds],
@@ -136,7 +136,7 @@ def _text_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = [*ROW_FIELDS, *COLUMNS.values(), *(f"{COLUMNS[m]} - best t" for m in MIXERS), "CKA across t"]
     body = [[str(row[f]) for f in ROW_FIELDS] + [_cell(row[p]) for p in COLUMNS]
             + [_difference(row[f"{m}-best_t"]) for m in MIXERS]
-            + ["" if row["cka"] is None else f"{row['cka'][0]:.3f}"] for row in rows]
+            + ["" if row["cka"] is None else f"{row['cka']:.3f}"] for row in rows]
     return header, body
 
 
@@ -158,7 +158,7 @@ def write_tables(rows: list[dict], out: Path) -> None:
             writer.writerow([row[f] for f in ROW_FIELDS]
                             + ["" if v is None else v for p in COLUMNS for v in (row[p] or ("", "", ""))]
                             + ["" if v is None else v for m in MIXERS for v in (row[f"{m}-best_t"] or ("", ""))]
-                            + ["" if row["cka"] is None else row["cka"][0]])
+                            + ["" if row["cka"] is None else row["cka"]])
     escape = str.maketrans({"_": r"\_", "%": r"\%", "±": r"$\pm$"})
     tex = [r"\begin{tabular}{" + "l" * len(ROW_FIELDS) + "r" * (len(header) - len(ROW_FIELDS)) + "}", r"\hline",
            " & ".join(h.translate(escape) for h in header) + r" \\", r"\hline"]

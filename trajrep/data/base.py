@@ -118,9 +118,14 @@ class ImageDataModule(LightningDataModule, ABC):
         return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
                           drop_last=drop_last, num_workers=workers, persistent_workers=workers > 0)
 
-    def _device_resident_loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
+    def stacked(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as two tensors: uint8 images (N, C, H, W) and labels, in dataset order."""
         with torch.random.fork_rng(devices=[]):  # iterating a loader draws a seed: keep the run's RNG stream as is
             images, labels = map(torch.cat, zip(*self._loader(split, shuffle=False, drop_last=False)))
+        return images, labels
+
+    def _device_resident_loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
+        images, labels = self.stacked(split)
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         return DataLoader(DeviceBatches(images.to(device), labels.to(device)), batch_size=self.hparams.batch_size,
                           shuffle=shuffle, drop_last=drop_last, collate_fn=_already_a_batch)

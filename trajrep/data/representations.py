@@ -198,8 +198,7 @@ class PixelProbeData(ProbeData):
                          "cache_key": "pixels-" + cache_key(identity)}
 
     def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = DataLoader(self.images.dataset(split), batch_size=1024)
-        images, labels = map(torch.cat, zip(*loader))
+        images, labels = self.images.stacked(split)
         return self.images.normalize(images).flatten(1).unsqueeze(1), labels
 
     def setup(self, stage: str) -> None:
