@@ -6,7 +6,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # apt needs root; use sudo when we are not root and it exists.
 APT := $(if $(filter 0,$(shell id -u)),apt-get,$(shell command -v sudo >/dev/null && echo sudo apt-get))
 
-.PHONY: install data test quickstart bench reproduce-table
+.PHONY: install data test quickstart bench reproduce-table analysis
 
 install: data
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,6 @@ bench:
 PRESET ?= smoke
 reproduce-table:
 	$(BIN)/python -m trajrep.reproduce configs/presets/$(PRESET).yaml
+
+analysis:  # after reproduce-table: per-task accuracy and attention over t -> results/$(PRESET)/analysis/
+	$(BIN)/python -m trajrep.analysis results/$(PRESET)/probes

@@ -13,7 +13,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from trajrep.data import CIFAR10, CIFAR100, FashionMNIST, ImageDataModule, ImageFolder, SyntheticShapes
+from conftest import tiny_fit_args
+from trajrep.cli import main
+from trajrep.data import CIFAR10, CIFAR100, Coloured, FashionMNIST, ImageDataModule, ImageFolder, SyntheticShapes
 from trajrep.data.fashion_mnist import DEFAULT_ROOT
 from trajrep.data.synthetic import NUM_COMBINATIONS, PALETTE
 from trajrep.errors import TrajrepError
@@ -235,7 +237,7 @@ def test_fashion_num_train_keeps_the_first_images(tmp_path):
     arrays = fake_fashion(tmp_path)
     images, _ = tensors(FashionMNIST(root=str(tmp_path), num_train=4).dataset("train"))
     assert torch.equal(images[:, 0, 2:30, 2:30], torch.from_numpy(arrays["train"][0][:4]))
-    with pytest.raises(TrajrepError, match="num_train 99 exceeds the 12 training images"):
+    with pytest.raises(TrajrepError, match="num_train 99 exceeds the 12 train images"):
         FashionMNIST(root=str(tmp_path), num_train=99).dataset("train")
 
 
@@ -334,8 +336,20 @@ def test_cifar_corrupted_files_are_a_clear_error(tmp_path, monkeypatch):
     fake_cifar10(tmp_path, monkeypatch)
     monkeypatch.undo()  # the real md5 check now rejects the fake files
     data = CIFAR10(root=str(tmp_path))
-    with pytest.raises(TrajrepError, match="fail their checksum.*download: true"):
+    with pytest.raises(TrajrepError, match="data_batch_1 is missing or fails its checksum.*download: true"):
         data.dataset("train")
+
+
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    fake_cifar10(tmp_path, monkeypatch)
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps({"data": RunsCode()}))
+    with pytest.raises(TrajrepError, match=r"data_batch_2 is not a CIFAR batch file .*builtins\.print"):
+        CIFAR10(root=str(tmp_path)).dataset("train")
 
 
 # ---------------------------------------------------------------- image folders
@@ -396,3 +410,50 @@ def test_image_folder_corrupted_file_is_named_when_read(tmp_path):
 def test_base_class_cannot_be_instantiated():
     with pytest.raises(TypeError):
         ImageDataModule()
+
+
+# ---------------------------------------------------------------- coloured grey data
+
+def test_coloured_fashion_has_three_tasks_and_colours_each_pixel(tmp_path):
+    arrays = fake_fashion(tmp_path, num_train=40, num_test=30)
+    data = Coloured(source=FashionMNIST(root=str(tmp_path)), seed=3)
+    assert (data.image_shape, data.num_classes) == ((3, 32, 32), [10, 9, 9])
+    assert data.task_names == ["class", "background", "foreground"]
+    images, labels = tensors(data.dataset("train"))
+    assert images.dtype == torch.uint8 and images.shape == (40, 3, 32, 32) and labels.shape == (40, 3)
+    assert torch.equal(labels[:, 0], torch.from_numpy(arrays["train"][1]).long())
+    assert (labels[:, 1] != labels[:, 2]).all() and labels[:, 1:].max() < 9
+    background, foreground = PALETTE[labels[:, 1].numpy()], PALETTE[labels[:, 2].numpy()]
+    assert (images[:, :, 0, 0].numpy() == background).all()  # the zero padding is pure background
+    grey = torch.from_numpy(arrays["train"][0]).float()[:, None] / 255
+    expected = grey * torch.from_numpy(foreground).float()[:, :, None, None] \
+        + (1 - grey) * torch.from_numpy(background).float()[:, :, None, None]
+    assert (images[:, :, 2:30, 2:30].float() - expected).abs().max() <= 0.5 + 1e-4
+
+
+def test_coloured_draws_follow_the_seed_and_the_split(tmp_path):
+    fake_fashion(tmp_path, num_train=60, num_test=60)
+    source = FashionMNIST(root=str(tmp_path))
+
+    def colours(seed, split):
+        return tensors(Coloured(source=source, seed=seed).dataset(split))[1][:, 1:]
+
+    assert torch.equal(colours(0, "train"), colours(0, "train"))
+    assert not torch.equal(colours(0, "train"), colours(1, "train"))
+    assert not torch.equal(colours(0, "train"), colours(0, "test"))
+    assert Coloured(source=source, seed=0).identity() != Coloured(source=source, seed=1).identity()
+
+
+def test_coloured_needs_a_grey_single_task_source():
+    with pytest.raises(TrajrepError, match="grey single-task source"):
+        Coloured(source=SyntheticShapes(num_train=64, num_test=48))
+
+
+def test_coloured_fashion_trains_from_the_cli(tmp_path):
+    (tmp_path / "fashion").mkdir()
+    fake_fashion(tmp_path / "fashion", num_train=32, num_test=8)
+    args = [arg for arg in tiny_fit_args(tmp_path / "run", 1) if not arg.startswith("--data.")]
+    main(args + ["--data=Coloured", "--data.source=FashionMNIST", f"--data.source.root={tmp_path / 'fashion'}",
+                 "--data.batch_size=8"])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["image_channels"] == 3

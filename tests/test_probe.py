@@ -161,3 +161,20 @@ def test_member_chunks_train_exactly_like_one_grouped_model(learnable_data, tmp_
     x = torch.randn(7, len(learnable_data.times), learnable_data.feature_dim)
     with torch.no_grad():
         torch.testing.assert_close(chunked(x), whole(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_grid_of_one_member_keeps_its_history(tmp_path):
+    import lightning.pytorch as pl
+
+    from trajrep.data.representations import ProbeData
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {stage: (torch.randn(32, 2, 4, generator=generator), torch.randint(3, (32,), generator=generator))
+               for stage in ("train", "val", "test")}
+    data = ProbeData.from_tensors(tensors, times=[0.0, 1.0], num_classes=[3], seeds=[0], batch_size=8)
+    module = ProbeModule(kind="mean", learning_rates=[1e-3], seeds=[0], num_classes=[3], feature_dim=4,
+                         times=[0.0, 1.0], results_dir=str(tmp_path))
+    pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=tmp_path).fit(module, datamodule=data)
+    assert np.array(module.val_history).shape == (2, 1)
+    assert len(module.member_records()) == 1

@@ -1,5 +1,6 @@
 """The smoke preset end to end (pretrain -> cache -> probes -> report), its resumption, and the report's maths."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import REPO
+from conftest import REPO, kill_when
+from trajrep.analysis import js_divergence_bits
 from trajrep.errors import TrajrepError
 from trajrep.report import COLUMNS, difference_interval
-from trajrep.reproduce import load_preset
+from trajrep.reproduce import Reproduction, load_preset
 
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
 
@@ -87,3 +89,72 @@ def test_rerunning_a_finished_preset_redoes_nothing(smoke_run):
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in records] == stamps
     assert "Trainer.fit" not in done.stdout + done.stderr  # no pretraining or probe run started
+
+
+@pytest.mark.slow
+def test_killed_preset_keeps_finished_records_and_ends_with_the_same_table(smoke_run, tmp_path):
+    command = [sys.executable, "-m", "trajrep.reproduce", str(REPO / "configs" / "presets" / "smoke.yaml"),
+               "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    probes = tmp_path / "results" / "smoke" / "probes"
+    kill_when(command, lambda: len(list(probes.rglob("*.json"))) >= 3, cwd=tmp_path, timeout=900)
+    finished = {path: path.stat().st_mtime_ns for path in probes.rglob("*.json")}
+    assert not (tmp_path / "results" / "smoke" / "table.md").exists()
+
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished  # kept, not redone
+    expected = (smoke_run / "results" / "smoke" / "table.md").read_text()
+    assert (tmp_path / "results" / "smoke" / "table.md").read_text() == expected
+
+
+def test_a_variant_can_be_probed_at_intermediate_steps_with_its_own_seeds(tmp_path, monkeypatch):
+    preset = load_preset(REPO / "configs" / "presets" / "cpu.yaml")
+    reproduction = Reproduction(preset, "cpu", tmp_path / "runs", tmp_path / "results")
+    dataset, long = preset.datasets[0], next(e for e in preset.encoders if e.probe_steps)
+
+    def fake_pretrain(dataset, encoder, seed):
+        folder = tmp_path / "runs" / "cpu" / f"{dataset.name}-{encoder.name}-seed{seed}" / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        for step in (400, 800, 1200):
+            (folder / f"epoch=0-step={step}.ckpt").touch()
+        return folder / "last.ckpt"
+
+    monkeypatch.setattr(reproduction, "pretrain", fake_pretrain)
+    found = reproduction.checkpoints(dataset, long)
+    assert sorted(found) == ["fashion-reg-d8-long-seed2", "fashion-reg-d8-long-seed2-step400",
+                             "fashion-reg-d8-long-seed2-step800"]  # its own seed, no untrained control
+    assert found["fashion-reg-d8-long-seed2-step800"].name == "epoch=0-step=800.ckpt"
+    with pytest.raises(TrajrepError, match="no checkpoint of step 600"):
+        reproduction.at_step(found["fashion-reg-d8-long-seed2"], 600)
+
+
+def test_js_divergence_is_in_bits():
+    assert js_divergence_bits([1.0, 0.0], [0.0, 1.0]) == pytest.approx(1.0)
+    assert js_divergence_bits([0.2, 0.8], [0.2, 0.8]) == pytest.approx(0.0, abs=1e-12)
+    p, q = np.array([0.5, 0.5]), np.array([0.9, 0.1])
+    m = (p + q) / 2
+    expected = 0.5 * np.sum(p * np.log2(p / m)) + 0.5 * np.sum(q * np.log2(q / m))
+    assert js_divergence_bits(p, q) == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run):
+    probes = smoke_run / "results" / "smoke" / "probes"
+    done = subprocess.run([sys.executable, "-m", "trajrep.analysis", str(probes)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = smoke_run / "results" / "smoke" / "analysis"
+    for name in ("accuracy_over_t.json", "accuracy_over_t.png", "attention_per_task.json", "attention_per_task.png",
+                 "task_divergence.json", "task_divergence.png", "analysis.md"):
+        assert (out / name).stat().st_size > 0, name
+    tasks = {"background", "foreground", "location", "shape"}
+    for encoder in json.loads((out / "accuracy_over_t.json").read_text()):
+        assert set(encoder) - {"encoder"} == tasks
+        assert all(len(entry["val_mean"]) == len(entry["times"]) == 3 for name, entry in encoder.items()
+                   if name in tasks)
+    for encoder in json.loads((out / "attention_per_task.json").read_text()):
+        assert all(sum(encoder[task]["mean"]) == pytest.approx(1.0) for task in tasks)
+    for encoder in json.loads((out / "task_divergence.json").read_text()):
+        bits = np.array(encoder["bits"])
+        assert np.allclose(bits, bits.T) and np.allclose(np.diag(bits), 0) and (bits >= 0).all()

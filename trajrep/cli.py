@@ -1,25 +1,26 @@
 """The `trajrep` command: LightningCLI over every trajrep module and datamodule, referred to by short class names."""
 
 import os
-import sys
+import re
 from operator import itemgetter
 from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 # Imported so that configs can name the classes by short name (class_path: SyntheticShapes).
 from trajrep.callbacks import EMA  # noqa: F401
-from trajrep.data import CIFAR10, CIFAR100, FashionMNIST, ImageDataModule, ImageFolder, SyntheticShapes  # noqa: F401
+from trajrep.data import (CIFAR10, CIFAR100, Coloured, FashionMNIST, ImageDataModule, ImageFolder,  # noqa: F401
+                          SyntheticShapes)
 from trajrep.data.representations import PixelProbeData, RepresentationDataModule  # noqa: F401
-from trajrep.errors import TrajrepError, user_error
-from trajrep.extract import extract_representations, load_pretrained_weights
+from trajrep.checks import ensure_wandb_ready, ensure_writable
+from trajrep.errors import DEBUG_ENV, TrajrepError, errors_as_one_line
+from trajrep.extract import extract_representations, load_pretrained_weights, read_checkpoint
 from trajrep.pretrain import PretrainModule
 from trajrep.probe import ProbeModule  # noqa: F401
 from trajrep.timegrid import build_time_grid
 
-DEBUG_ENV = "TRAJREP_DEBUG"
 PROBE_SPEC = ("num_classes", "task_names", "feature_dim", "times", "seeds")
 
 
@@ -33,6 +34,36 @@ def size_of(image_shape: tuple[int, int, int]) -> int:
 
 def instantiate_directly(class_type: type, *args, **kwargs):
     return class_type(*args, **kwargs)
+
+
+# Lines of a jsonargparse error that frame the problem rather than state it.
+FRAMING = ("Parser key", "Key ", "Does not validate", "Subtypes", "Errors:", "Given value", "Problem with given class_path",
+           "Expected a <class 'NoneType'>", "Expected a path but")
+
+
+def summarise_parser_error(message: str) -> str:
+    """One line from jsonargparse's multi-line error: the option at fault and what is wrong with it."""
+    keys = re.findall(r'(?:Parser key|Key) "([^"]+)"', message)
+    where = ".".join(dict.fromkeys(keys))
+    unknown_class = re.search(r"Expected a dot import path string: (\S+)", message)
+    if unknown_class:
+        detail = (f"unknown class {unknown_class.group(1)!r}; name a trajrep class (e.g. FashionMNIST, "
+                  "PretrainModule) or give a full import path")
+    else:
+        lines = [re.sub(r'^(Parser key|Key) "[^"]+":\s*', "", line.strip(" -")) for line in message.splitlines()]
+        detail = next((line for line in lines if line and not line.startswith(FRAMING)), message.strip())
+    return f"{where}: {detail}" if where else detail
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Parse errors end as one TrajrepError line instead of the usage text and a nested report
+    (TRAJREP_DEBUG=1 keeps jsonargparse's full message)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV):
+            super().error(message, ex)
+        command = self.prog.replace(" [options]", "")
+        raise TrajrepError(f"{summarise_parser_error(message)} (see `{command} --help`)") from None
 
 
 class TrajrepTrainer(Trainer):
@@ -71,6 +102,24 @@ class TrajrepCLI(LightningCLI):
         # which must keep their own. Datamodules are therefore built plainly.
         self.parser.add_instantiator(instantiate_directly, LightningDataModule, subclasses=True, prepend=True)
 
+    def parse_arguments(self, parser, args: ArgsType) -> None:
+        """Also check, before anything runs, the output folder, a W&B login when W&B logs, and a --ckpt_path
+        (missing or unreadable is one clear error; it is loaded with weights_only=True, so no pickle code runs,
+        unless told otherwise)."""
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is None or "ckpt_path" not in config:
+            return
+        if config.trainer.get("default_root_dir"):
+            ensure_writable(config.trainer.default_root_dir, "trainer.default_root_dir")
+        if "WandbLogger" in str(config.trainer.get("logger")):
+            ensure_wandb_ready()
+        if "weights_only" in config and config.weights_only is None:
+            config["weights_only"] = True
+        path = config.get("ckpt_path")
+        if path is not None and path not in ("last", "best", "hpc", "registry"):
+            read_checkpoint(path)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
@@ -90,7 +139,8 @@ class TrajrepCLI(LightningCLI):
 def build_cli(args: ArgsType = None, run: bool = True) -> TrajrepCLI:
     """The trajrep CLI on `args`; with run=False only parsed and instantiated (model, data, trainer)."""
     return TrajrepCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      trainer_class=TrajrepTrainer, args=args, run=run, save_config_kwargs={"overwrite": True})
+                      trainer_class=TrajrepTrainer, args=args, run=run, save_config_kwargs={"overwrite": True},
+                      parser_class=OneLineErrorParser)
 
 
 def main(args: ArgsType = None) -> None:
@@ -99,11 +149,5 @@ def main(args: ArgsType = None) -> None:
     User-fixable problems (TrajrepError) end with one line on stderr and exit code 2; set TRAJREP_DEBUG=1 for the
     traceback.
     """
-    try:
+    with errors_as_one_line():
         build_cli(args)
-    except Exception as error:
-        cause = user_error(error)
-        if cause is None or os.environ.get(DEBUG_ENV):
-            raise
-        print(f"trajrep: error: {cause}", file=sys.stderr)
-        sys.exit(2)

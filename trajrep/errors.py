@@ -1,7 +1,15 @@
 """One exception type for problems a user can fix (bad config, missing files).
 
-The CLI prints these as a single line instead of a traceback; everything else is a bug and keeps its traceback.
+The entry points print these as a single line instead of a traceback; everything else is a bug and keeps its
+traceback.
 """
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+DEBUG_ENV = "TRAJREP_DEBUG"
 
 
 class TrajrepError(ValueError):
@@ -25,3 +33,17 @@ def user_error(error: BaseException) -> TrajrepError | None:
         seen = seen.__cause__ or seen.__context__
     latest = TrajrepError.latest
     return latest if latest is not None and str(latest) in str(error) else None
+
+
+@contextmanager
+def errors_as_one_line() -> Iterator[None]:
+    """For entry points: a user-fixable error ends as one line on stderr and exit code 2 (TRAJREP_DEBUG=1 shows
+    the traceback); any other exception keeps its traceback."""
+    try:
+        yield
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None or os.environ.get(DEBUG_ENV):
+            raise
+        print(f"trajrep: error: {cause}", file=sys.stderr)
+        sys.exit(2)

@@ -7,6 +7,7 @@ batch has the same content on any number of processes and the cache is the same 
 
 import inspect
 import math
+import pickle  # only for the exception type that torch.load(weights_only=True) raises
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -145,7 +146,12 @@ def read_checkpoint(ckpt_path: str | Path) -> dict:
     if not path.is_file():
         raise TrajrepError(f"checkpoint {path} does not exist; give the .ckpt written by `trajrep fit` "
                            "(e.g. runs/quickstart/checkpoints/last.ckpt)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrajrepError(f"checkpoint {path} cannot be read safely ({first}); it is truncated, corrupted or not a "
+                           "trajrep checkpoint: use another one, or rerun the training that wrote it") from None
 
 
 def load_pretrained_weights(model: PretrainModule, ckpt_path: str | Path, ema: bool,

@@ -133,16 +133,36 @@ class PretrainModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
+    def _evaluation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, stage: str) -> None:
+        """The same t and noise for a batch at every evaluation (comparable losses), drawn from a forked RNG so
+        that evaluating leaves the training RNG stream, which checkpoints restore, untouched."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(batch_idx)
+            self._step(batch, stage)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._evaluation_step(batch, batch_idx, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._evaluation_step(batch, batch_idx, "test")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The seed LightningCLI's seed_everything used, so that probe results can name their pretraining seed.
         seed = os.environ.get("PL_GLOBAL_SEED")
         checkpoint["pretrain_seed"] = None if seed is None else int(seed)
+        # The RNG stream of training (t and noise draws): a resumed run continues it exactly.
+        checkpoint["rng_state"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rng_state")
+        if state is None:
+            return
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     def configure_optimizers(self):
         impl = {None: {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}

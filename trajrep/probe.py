@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from trajrep.checks import ensure_writable
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
 from trajrep.nn.probes import HEADS, build_head, clip_grad_norm_per_member_, random_time_subset
@@ -54,7 +55,8 @@ class ProbeModule(pl.LightningModule):
     each; a training step runs each chunk's forward and backward back to back, so that its activations are still
     in the CPU's cache for the backward pass. On a GPU, where one large kernel is best, set member_chunk to the
     grid size. With `export_attention`, the attention heads' records also carry each member's mean CLS attention
-    over the time tokens on the test split (one extra pass at the end).
+    over the time tokens on the test split (one extra pass at the end). `encoder_name` names the pretraining variant
+    in the results (a preset's encoder name), so that two variants of one mode and width stay apart in tables.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class ProbeModule(pl.LightningModule):
         results_dir: str = "results/probes",
         member_chunk: int | None = None,
         export_attention: bool = True,
+        encoder_name: str | None = None,
     ) -> None:
         super().__init__()
         if kind not in HEADS:
@@ -187,8 +190,9 @@ class ProbeModule(pl.LightningModule):
         self.test_accuracy.reset()
         if self.trainer.sanity_checking:
             return
-        self.val_history.append(val.tolist())
-        self.test_history.append(test.tolist())
+        # reshape: torchmetrics returns a one-member grid's accuracy as a scalar
+        self.val_history.append(val.reshape(-1).tolist())
+        self.test_history.append(test.reshape(-1).tolist())
         self.log_dict({"val/acc_best_member": val.max(), "val/acc_mean": val.mean()}, prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -227,6 +231,10 @@ class ProbeModule(pl.LightningModule):
         self.train(was_training)
         return total / count
 
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:  # fail now, not after the whole grid has trained
+            ensure_writable(self.hparams.results_dir, "results_dir")
+
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
@@ -238,6 +246,7 @@ class ProbeModule(pl.LightningModule):
         context = {
             **getattr(datamodule, "metadata", {}),
             "probe": self.hparams.kind,
+            "encoder_name": self.hparams.encoder_name,
             "times": self.hparams.times,
             "epochs": len(self.val_history),
             "config": {"model": dict(self.hparams), "data": dict(getattr(datamodule, "hparams", {}))},

@@ -2,8 +2,9 @@
 
     python -m trajrep.report RESULTS_DIR [--out DIR] [--wandb-project P --wandb-group G]
 
-A row is one (dataset, encoder, d_z, grid granularity g, task); an encoder is its pretraining mode, prefixed with
-"untrained" for the randomly initialised control (0 pretraining steps), or "pixels" for the raw-pixel control.
+A row is one (dataset, encoder, d_z, pretraining steps, grid granularity g, task); an encoder is its variant name
+(else its pretraining mode), prefixed with "untrained" for the randomly initialised control (0 pretraining steps),
+or "pixels" for the raw-pixel control.
 A cell is the mean ± std over pretraining seeds of the probe's selected test accuracy (for `mlp`, at the best
 single t chosen on validation).
 "mixer - best t" is the mean difference over pretraining seeds with a 95 % t-interval (none with one seed).
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from trajrep.errors import TrajrepError
+from trajrep.checks import ensure_wandb_ready
+from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.results import read_results
 from trajrep.similarity import mean_off_diagonal
 
@@ -31,14 +33,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 COLUMNS = {"mlp": "best single t", "concat": "concat", "mean": "mean", "weighted": "weighted", "gru": "GRU",
            "transformer": "Transformer", "continuous": "continuous"}
 MIXERS = ("gru", "transformer", "continuous")
-ROW_FIELDS = ("dataset", "encoder", "latent_dim", "g", "task")
+ROW_FIELDS = ("dataset", "encoder", "latent_dim", "steps", "g", "task")
 
 
 def encoder_label(context: dict) -> str:
     if context.get("encoder_mode") == "pixels":
         return "pixels"
-    mode = str(context.get("encoder_mode"))
-    return f"untrained {mode}" if context.get("pretrain_steps") == 0 else mode
+    name = str(context.get("encoder_name") or context.get("encoder_mode"))
+    return f"untrained {name}" if context.get("pretrain_steps") == 0 else name
 
 
 def row_order(row: tuple) -> tuple:
@@ -47,11 +49,13 @@ def row_order(row: tuple) -> tuple:
 
 
 class Collected:
-    """Selected accuracies per (row, probe) and MLP accuracies per (row, t), each keyed by pretraining seed."""
+    """Selected accuracies per (row, probe), MLP test (and validation) accuracies per (row, t) and the
+    Transformer's mean attention per row, each keyed by pretraining seed."""
 
     def __init__(self) -> None:
         self.cells: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
         self.per_time: dict[tuple, dict[float, dict]] = defaultdict(lambda: defaultdict(dict))
+        self.per_time_val: dict[tuple, dict[float, dict]] = defaultdict(lambda: defaultdict(dict))
         self.attention: dict[tuple, dict] = defaultdict(dict)
         self.cka: dict[tuple, dict] = defaultdict(dict)
         self.times: dict[tuple, list[float]] = {}
@@ -61,7 +65,8 @@ class Collected:
         probe, seed = context["probe"], context.get("pretrain_seed")
         for task, selected in summary.items():
             grid = len(context["times"]) - 1 if len(context["times"]) > 1 else "-"
-            row = (context.get("dataset"), encoder_label(context), context.get("latent_dim"), grid, task)
+            steps = "-" if context.get("pretrain_steps") is None else context["pretrain_steps"]
+            row = (context.get("dataset"), encoder_label(context), context.get("latent_dim"), steps, grid, task)
             if seed in self.cells[row][probe]:
                 raise TrajrepError(f"{path} repeats {probe} for pretraining seed {seed} of row {row}; remove the "
                                    "stale result file")
@@ -70,6 +75,7 @@ class Collected:
                 self.cka[row][seed] = mean_off_diagonal(torch.tensor(context["linear_cka"]))
             for entry in selected.get("per_time", []):
                 self.per_time[row][entry["time"]][seed] = entry["test_acc_mean"]
+                self.per_time_val[row][entry["time"]][seed] = entry["val_acc_mean"]
             chosen = [r["attention"] for r in results["records"]
                       if r["task"] == task and r["lr"] == selected["lr"] and "attention" in r]
             if chosen and probe == "transformer":
@@ -166,7 +172,7 @@ def write_tables(rows: list[dict], out: Path) -> None:
     (out / "table.tex").write_text("\n".join([*tex, r"\hline", r"\end{tabular}"]) + "\n")
 
 
-def _panels(keys: list[tuple]) -> tuple[plt.Figure, list[plt.Axes]]:
+def panels(keys: list[tuple]) -> tuple[plt.Figure, list[plt.Axes]]:
     columns = min(len(keys), 4)
     rows = math.ceil(len(keys) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
@@ -181,7 +187,7 @@ def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
             if len(collected.per_time[row]) > 1]  # not the pixel control's single "time"
     if not keys:
         return
-    figure, axes = _panels(keys)
+    figure, axes = panels(keys)
     for ax, row in zip(axes, keys):
         times = sorted(collected.per_time[row])
         stats_at = [mean_std(list(collected.per_time[row][t].values())) for t in times]
@@ -206,7 +212,7 @@ def plot_attention_over_t(collected: Collected, path: Path) -> None:
     keys = sorted(collected.attention, key=row_order)
     if not keys:
         return
-    figure, axes = _panels(keys)
+    figure, axes = panels(keys)
     for ax, row in zip(axes, keys):
         weights = np.array(list(collected.attention[row].values()))[:, :-1]
         times = collected.times[row]
@@ -262,7 +268,10 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--wandb-group", default=None)
     parser.add_argument("--wandb-dir", default="runs", help="where the W&B run folder goes (not under results/)")
     options = parser.parse_args(args)
-    out = report(options.results_dir, options.out, options.wandb_project, options.wandb_group, options.wandb_dir)
+    with errors_as_one_line():
+        if options.wandb_project:
+            ensure_wandb_ready()
+        out = report(options.results_dir, options.out, options.wandb_project, options.wandb_group, options.wandb_dir)
     print(out / "table.md")
 
 

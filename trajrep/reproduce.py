@@ -25,8 +25,9 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import ArgumentParser
 
+from trajrep.checks import ensure_wandb_ready, ensure_writable
 from trajrep.cli import build_cli, main as cli_main
-from trajrep.errors import TrajrepError
+from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.report import report
 from trajrep.results import read_results
 from trajrep.timegrid import granularity_times
@@ -36,10 +37,18 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @dataclass
 class Encoder:
-    """One pretraining variant: a name for its runs and the CLI options that make it (mode, widths, ...)."""
+    """One pretraining variant: a name for its runs and the CLI options that make it (mode, widths, ...).
+
+    `seeds` overrides the preset's pretraining seeds; `probe_steps` also probes the checkpoints saved at these
+    steps (to follow the representation through training; ModelCheckpoint must save at them); `untrained` adds
+    the randomly initialised control of this variant.
+    """
 
     name: str
     args: list[str] = field(default_factory=list)
+    seeds: list[int] | None = None
+    probe_steps: list[int] = field(default_factory=list)
+    untrained: bool = True
 
 
 @dataclass
@@ -60,6 +69,9 @@ class Dataset:
 
 @dataclass
 class Preset:
+    """What a preset file holds. `probe_args` go to every probe run, `probe_kind_args[kind]` to that kind's only
+    (e.g. head sizes)."""
+
     datasets: list[Dataset]
     encoders: list[Encoder]
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -69,6 +81,7 @@ class Preset:
     probes: list[str] = field(default_factory=lambda: ["mlp", "concat", "mean", "weighted", "gru", "transformer",
                                                         "continuous"])
     probe_args: list[str] = field(default_factory=list)
+    probe_kind_args: dict[str, list[str]] = field(default_factory=dict)
     wandb_project: str | None = None
 
 
@@ -133,16 +146,37 @@ class Reproduction:
         last = run_dir / "checkpoints" / "last.ckpt"
         if done.exists() and last.exists():
             return last
-        shutil.rmtree(self.results / "probes" / run, ignore_errors=True)  # built from an older checkpoint
+        for stale in [self.results / "probes" / run, *(self.results / "probes").glob(f"{run}-step*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # built from an older checkpoint
         resume = ["--ckpt_path", str(last)] if last.exists() else []
         self._fit([*self._pretrain_args(dataset, encoder, seed, run_dir), *self._logger_args(run, "pretrain", run_dir),
                    *resume])
         done.write_text("fit returned\n")
         return last
 
+    @staticmethod
+    def at_step(last: Path, step: int) -> Path:
+        """The checkpoint ModelCheckpoint saved at `step` next to `last`."""
+        found = sorted(last.parent.glob(f"*step={step}.ckpt"))
+        if not found:
+            raise TrajrepError(f"no checkpoint of step {step} in {last.parent}; probe_steps must be steps at which "
+                               "ModelCheckpoint saves (a multiple of its every_n_train_steps)")
+        return found[-1]
+
+    def checkpoints(self, dataset: Dataset, encoder: Encoder) -> dict[str, Path]:
+        """Every checkpoint of a variant that gets probed, by run name: final, intermediate, untrained."""
+        found = {}
+        for seed in encoder.seeds or self.preset.seeds:
+            run = f"{dataset.name}-{encoder.name}-seed{seed}"
+            found[run] = last = self.pretrain(dataset, encoder, seed)
+            found.update({f"{run}-step{step}": self.at_step(last, step) for step in encoder.probe_steps})
+        if encoder.untrained:
+            found[f"{dataset.name}-{encoder.name}-untrained"] = self.untrained(dataset, encoder)
+        return found
+
     def untrained(self, dataset: Dataset, encoder: Encoder) -> Path:
         """A checkpoint of the variant's randomly initialised model (0 steps): the untrained-encoder control."""
-        seed = self.preset.seeds[0]
+        seed = (encoder.seeds or self.preset.seeds)[0]
         path = self.runs / f"{dataset.name}-{encoder.name}-untrained" / "untrained.ckpt"
         if path.exists():
             return path
@@ -165,14 +199,16 @@ class Reproduction:
                 path.unlink()
         return False
 
-    def probe(self, run: str, kind: str, images: dict, data: list[str]) -> None:
+    def probe(self, run: str, kind: str, images: dict, data: list[str], encoder: str | None = None) -> None:
         """One probe kind's grid on one run's representations (or pixels), unless its results exist."""
         folder = self.results / "probes" / run
         if self._probe_done(folder, kind):
             return
         run_dir = self.runs / "probe" / run / kind
+        name = [f"--model.encoder_name={encoder}"] if encoder else []
         self._fit(["--config", str(CONFIGS / "probe" / f"{kind}.yaml"), *data, f"--data.images={json.dumps(images)}",
-                   f"--model.results_dir={folder}", f"--trainer.default_root_dir={run_dir}", *self.preset.probe_args,
+                   f"--model.results_dir={folder}", f"--trainer.default_root_dir={run_dir}", *name,
+                   *self.preset.probe_args, *self.preset.probe_kind_args.get(kind, []),
                    *self._logger_args(run.replace("/", "-"), kind, run_dir)])
 
     def _representation_data(self, checkpoint: Path, grid: int) -> list[str]:
@@ -185,15 +221,13 @@ class Reproduction:
 
     def run(self) -> Path:
         for dataset in self.preset.datasets:
-            checkpoints = {f"{dataset.name}-{e.name}-seed{s}": self.pretrain(dataset, e, s)
-                           for e in self.preset.encoders for s in self.preset.seeds}
-            checkpoints.update({f"{dataset.name}-{e.name}-untrained": self.untrained(dataset, e)
-                                for e in self.preset.encoders})
-            for run, checkpoint in checkpoints.items():
+            checkpoints = {(encoder.name, run): checkpoint for encoder in self.preset.encoders
+                           for run, checkpoint in self.checkpoints(dataset, encoder).items()}
+            for (encoder, run), checkpoint in checkpoints.items():
                 for grid in self.preset.grids:
                     for kind in self.preset.probes:
                         self.probe(f"{run}/g{grid}", kind, dataset.images_config,
-                                   self._representation_data(checkpoint, grid))
+                                   self._representation_data(checkpoint, grid), encoder)
             self.probe(f"{dataset.name}-pixels", "mlp", dataset.images_config, ["--data=PixelProbeData"])
         return report(self.results / "probes", self.results, self.preset.wandb_project, self.name,
                       wandb_dir=self.runs)
@@ -209,9 +243,14 @@ def main(args: list[str] | None = None) -> None:
     options = parser.parse_args(args)
     # Each stage is a LightningCLI given its own args while sys.argv holds ours: intended here, so not a warning.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    preset = load_preset(options.preset)
-    preset.wandb_project = options.wandb_project or preset.wandb_project
-    out = Reproduction(preset, Path(options.preset).stem, Path(options.runs), Path(options.results)).run()
+    with errors_as_one_line():
+        preset = load_preset(options.preset)
+        preset.wandb_project = options.wandb_project or preset.wandb_project
+        if preset.wandb_project:
+            ensure_wandb_ready()
+        for folder, what in ((options.runs, "--runs"), (options.results, "--results")):
+            ensure_writable(folder, what)
+        out = Reproduction(preset, Path(options.preset).stem, Path(options.runs), Path(options.results)).run()
     print(f"table: {out / 'table.md'}")
 
 

@@ -28,7 +28,7 @@ def _digest(payload: dict) -> str:
 def write_results(results_dir: str | Path, records: list[dict], summary: dict, context: dict) -> Path:
     """Write `<results_dir>/<probe>-<cache key>.json`: per-member records (each with the fields a table needs),
     the per-task summary and the run context. Written to a temporary file and renamed: never half a file."""
-    shared = {k: context.get(k) for k in ("dataset", "encoder_mode", "latent_dim", "pretrain_seed",
+    shared = {k: context.get(k) for k in ("dataset", "encoder_mode", "encoder_name", "latent_dim", "pretrain_seed",
                                           "pretrain_steps", "cache_key", "times")}
     shared["git_revision"] = git_revision()
     payload = {

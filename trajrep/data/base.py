@@ -5,18 +5,43 @@ happen after the batch reaches the device (`normalize`), so loaders stay cheap a
 identically by pretraining and by representation extraction.
 """
 
+import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trajrep.errors import TrajrepError
 
 # Bump when the images a dataset produces change for the same settings, so that caches keyed by `identity` go stale.
 DATA_FORMAT_VERSION = 1
 SPLITS = ("train", "test")
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation per epoch that depends only on (seed, epoch), so a restarted run can rebuild the order of the
+    epoch it stopped in; `resume_after(n)` makes the next pass skip the first n indices (the ones already trained).
+    Lightning calls `set_epoch` at every epoch start."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self._skip = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_after(self, consumed: int) -> None:
+        self._skip = consumed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed((self.seed % 2**32) * 2**31 + self.epoch)
+        order, self._skip = torch.randperm(self.size, generator=generator)[self._skip:], 0
+        return iter(order.tolist())
 
 
 class DeviceBatches(Dataset):
@@ -113,22 +138,41 @@ class ImageDataModule(LightningDataModule, ABC):
             self._datasets[split] = self._load(split)
         return self._datasets[split]
 
-    def _loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, split: str, drop_last: bool, **order: Any) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          drop_last=drop_last, num_workers=workers, persistent_workers=workers > 0)
+        return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, drop_last=drop_last,
+                          num_workers=workers, persistent_workers=workers > 0, **order)
 
     def stacked(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split as two tensors: uint8 images (N, C, H, W) and labels, in dataset order."""
         with torch.random.fork_rng(devices=[]):  # iterating a loader draws a seed: keep the run's RNG stream as is
-            images, labels = map(torch.cat, zip(*self._loader(split, shuffle=False, drop_last=False)))
+            images, labels = map(torch.cat, zip(*self._loader(split, drop_last=False)))
         return images, labels
 
-    def _device_resident_loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _device_resident_loader(self, split: str, drop_last: bool, **order: Any) -> DataLoader:
         images, labels = self.stacked(split)
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         return DataLoader(DeviceBatches(images.to(device), labels.to(device)), batch_size=self.hparams.batch_size,
-                          shuffle=shuffle, drop_last=drop_last, collate_fn=_already_a_batch)
+                          drop_last=drop_last, collate_fn=_already_a_batch, **order)
+
+    def _training_order(self) -> dict[str, Any]:
+        """Sampler arguments of the training loader. The order follows the run's seed and is resumable mid-epoch
+        (EpochShuffle, skipping the batches a restored run already trained); the loader has its own generator, so
+        that starting an epoch draws nothing from the run's RNG stream (which checkpoints restore). Under DDP,
+        Lightning substitutes its DistributedSampler (seeded per epoch) and a restart replays the epoch."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        generator = torch.Generator().manual_seed(seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            return {"shuffle": True, "generator": generator}
+        size, batch_size = len(self.dataset("train")), self.hparams.batch_size
+        sampler = EpochShuffle(size, seed)
+        if trainer is not None:  # restored from a checkpoint: the batches of this epoch that were trained
+            sampler.set_epoch(trainer.current_epoch)
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            per_epoch = size // batch_size if self.hparams.drop_last else -(-size // batch_size)
+            sampler.resume_after(done * batch_size if done < per_epoch else 0)
+        return {"sampler": sampler, "generator": generator}
 
     def train_dataloader(self) -> DataLoader:
         size, batch_size = len(self.dataset("train")), self.hparams.batch_size
@@ -138,13 +182,13 @@ class ImageDataModule(LightningDataModule, ABC):
             raise TrajrepError(f"batch_size {batch_size} is larger than the {size} training images, so drop_last "
                                "would leave no batch; lower batch_size or set drop_last: false")
         loader = self._device_resident_loader if self.hparams.get("device_resident") else self._loader
-        return loader("train", shuffle=True, drop_last=self.hparams.drop_last)
+        return loader("train", drop_last=self.hparams.drop_last, **self._training_order())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, drop_last=False)
+        return self._loader("test", drop_last=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, drop_last=False)
+        return self._loader("test", drop_last=False)
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 images (..., C, H, W) -> float32 in [0, 1], standardised per channel when the dataset says so."""

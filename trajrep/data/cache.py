@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from trajrep.checks import ensure_writable
 from trajrep.errors import TrajrepError
 
 FORMAT_VERSION = 1
@@ -61,7 +62,7 @@ def label_file(split: str) -> str:
 @contextmanager
 def cache_lock(cache_dir: Path, key: str) -> Iterator[None]:
     """Exclusive lock per key, so two processes asking for the same cache build it once and never interleave."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(cache_dir, "cache_dir")
     with open(cache_dir / f".{key}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -1,15 +1,21 @@
 """CIFAR-10 and CIFAR-100 from torchvision's folder format, held in memory as one uint8 tensor per split.
 
 Converting the split once avoids a PIL round trip per image, which would dominate the cost of small models.
+The official python-format batches are pickles; torchvision's reader unpickles them unrestricted, so a tampered
+file could run code. trajrep reads them with an unpickler that admits nothing but numpy's array reconstruction.
 """
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 from torch.utils.data import Dataset, TensorDataset
+from torchvision.datasets import cifar as torchvision_cifar
+from torchvision.datasets.utils import download_and_extract_archive
 
 from trajrep.data.base import ImageDataModule
 from trajrep.errors import TrajrepError
@@ -34,6 +40,28 @@ CIFAR10_VARIANT = CIFARVariant("CIFAR-10", torchvision.datasets.CIFAR10, 10,
                                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_VARIANT = CIFARVariant("CIFAR-100", torchvision.datasets.CIFAR100, 100,
                                 (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+
+
+class ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays only: any other global in the stream is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch file")
+        return getattr(np, name) if module == "numpy" else np._core.multiarray._reconstruct
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """One python-format CIFAR batch file: {"data": (N, 3072) uint8, "labels" or "fine_labels": [...], ...}."""
+    try:
+        with open(path, "rb") as handle:
+            return ArraysOnlyUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise TrajrepError(f"{path} is not a CIFAR batch file ({error}); copy the torchvision-format files "
+                           "again") from None
 
 
 class CIFARDataModule(ImageDataModule):
@@ -79,27 +107,30 @@ class CIFARDataModule(ImageDataModule):
     def _identity_params(self) -> dict[str, Any]:
         return {"root": str(self._root)}
 
-    def _read(self, train: bool) -> torchvision.datasets.CIFAR10:
+    def prepare_data(self) -> None:
+        """Download and extract on one process before the others read the files (only with `download: true`)."""
+        if not self.hparams.download or all((self._folder / n).is_file() for n in self._variant.file_names):
+            return
+        reader = self._variant.reader
         try:
-            return self._variant.reader(str(self._root), train=train, download=self.hparams.download)
-        except RuntimeError as error:
-            raise TrajrepError(f"{self._variant.name} files in {self._folder} are missing or fail their checksum "
-                               f"({error}); delete the folder and set `download: true` (needs internet), or copy "
-                               "the torchvision-format files again") from error
+            download_and_extract_archive(reader.url, str(self._root), filename=reader.filename, md5=reader.tgz_md5)
         except OSError as error:
             raise TrajrepError(f"downloading {self._variant.name} into {self._root} failed ({error}); "
                                "`download: true` needs internet, otherwise place the torchvision-format files in "
                                f"{self._folder}") from error
 
-    def prepare_data(self) -> None:
-        """Download on one process before the others read the files (only with `download: true`)."""
-        if self.hparams.download:
-            self._read(train=True)
-
     def _load(self, split: str) -> Dataset:
-        raw = self._read(train=split == "train")
-        images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, uint8
-        return TensorDataset(images, torch.tensor(raw.targets, dtype=torch.long))
+        files = self._variant.reader.train_list if split == "train" else self._variant.reader.test_list
+        for name, md5 in files:
+            if not torchvision_cifar.check_integrity(str(self._folder / name), md5):
+                raise TrajrepError(f"{self._variant.name} file {self._folder / name} is missing or fails its "
+                                   "checksum; delete the folder and set `download: true` (needs internet), or copy "
+                                   "the torchvision-format files again")
+        batches = [read_cifar_batch(self._folder / name) for name, _ in files]
+        data = np.concatenate([batch["data"] for batch in batches]).reshape(-1, 3, 32, 32)
+        labels = [label for batch in batches for label in batch.get("labels", batch.get("fine_labels", []))]
+        return TensorDataset(torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)),
+                             torch.tensor(labels, dtype=torch.long))
 
 
 class CIFAR10(CIFARDataModule):

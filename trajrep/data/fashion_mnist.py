@@ -52,21 +52,23 @@ class FashionMNIST(ImageDataModule):
     """Fashion-MNIST, 10 classes, 60k / 10k, served as 1x32x32 (zero-padded 2 px each side) in [0, 1].
 
     `root` holds the four original .gz files; the default is the Debian package's folder. `num_train` keeps only
-    the first n training images (small presets).
+    the first n training images and `num_test` the first n test images (small presets).
     """
 
     def __init__(
         self,
         root: str | None = None,
         num_train: int | None = None,
+        num_test: int | None = None,
         batch_size: int = 100,
         num_workers: int = 0,
         drop_last: bool = True,
         device_resident: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, drop_last, device_resident)
-        if num_train is not None and num_train < 1:
-            raise TrajrepError(f"num_train must be >= 1 (or null for all 60,000), got {num_train}")
+        for name, value, total in (("num_train", num_train, "60,000"), ("num_test", num_test, "10,000")):
+            if value is not None and value < 1:
+                raise TrajrepError(f"{name} must be >= 1 (or null for all {total}), got {value}")
         self._root = Path(DEFAULT_ROOT if root is None else root).resolve()
         self._check_files()
         self.save_hyperparameters()
@@ -89,7 +91,8 @@ class FashionMNIST(ImageDataModule):
         return [10]
 
     def _identity_params(self) -> dict[str, Any]:
-        return {"root": str(self._root), "num_train": self.hparams.num_train, "padding": PAD}
+        return {"root": str(self._root), "num_train": self.hparams.num_train, "num_test": self.hparams.num_test,
+                "padding": PAD}
 
     def _load(self, split: str) -> Dataset:
         images_file, labels_file = FILES[split]
@@ -98,11 +101,11 @@ class FashionMNIST(ImageDataModule):
         if len(images) != len(labels):
             raise TrajrepError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels "
                                f"in {self._root}; download both again")
-        num_train = self.hparams.num_train
-        if split == "train" and num_train is not None:
-            if num_train > len(images):
-                raise TrajrepError(f"num_train {num_train} exceeds the {len(images)} training images in "
-                                   f"{self._root}; lower it or set it to null")
-            images, labels = images[:num_train], labels[:num_train]
+        keep = self.hparams.num_train if split == "train" else self.hparams.num_test
+        if keep is not None:
+            if keep > len(images):
+                raise TrajrepError(f"num_{split} {keep} exceeds the {len(images)} {split} images in {self._root}; "
+                                   "lower it or set it to null")
+            images, labels = images[:keep], labels[:keep]
         padded = np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD)))[:, None]
         return TensorDataset(torch.from_numpy(padded), torch.from_numpy(labels.astype(np.int64)))

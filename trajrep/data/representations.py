@@ -87,7 +87,23 @@ class ProbeData(pl.LightningDataModule):
         if stage not in STAGES:
             raise TrajrepError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
         self.setup("fit")
-        return self._tensors[stage]
+        x, y = self._tensors[stage]
+        self._check_labels(stage, y)
+        return x, y
+
+    def _check_labels(self, stage: str, labels: torch.Tensor) -> None:
+        """Labels must have one column per task and values below each task's class count."""
+        per_task = labels.reshape(len(labels), -1)
+        if per_task.shape[1] != len(self.num_classes):
+            raise TrajrepError(f"the {stage} labels have {per_task.shape[1]} task(s) but the data describes "
+                               f"{len(self.num_classes)} (num_classes {self.num_classes}); the cache and the image "
+                               "datamodule disagree: rebuild the cache with recompute: true")
+        too_big = per_task.max(dim=0).values >= torch.tensor(self.num_classes)
+        if per_task.numel() and (too_big.any() or per_task.min() < 0):
+            raise TrajrepError(f"the {stage} labels fall outside 0..classes-1 for task(s) "
+                               f"{[n for n, bad in zip(self.task_names, too_big) if bad] or self.task_names} "
+                               f"(num_classes {self.num_classes}); the cache and the image datamodule disagree: "
+                               "rebuild the cache with recompute: true")
 
     def _eval_loader(self, stage: str) -> DataLoader:
         return DataLoader(TensorDataset(*self.tensors(stage)), batch_size=self.eval_batch_size)

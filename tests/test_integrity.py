@@ -1,0 +1,88 @@
+"""Nothing on disk is trusted blindly: no pickle is read or written by the package, checkpoints load with
+weights_only=True, and a non-finite loss stops training without touching the last good checkpoint."""
+
+import ast
+import math
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_fit_args
+from trajrep.cli import main
+from trajrep.pretrain import PretrainModule
+
+SOURCES = sorted((REPO / "trajrep").rglob("*.py")) + sorted((REPO / "benchmarks").rglob("*.py"))
+
+
+def dotted(node: ast.AST) -> str:
+    """`a.b.c` of a Name/Attribute chain ('' for anything else)."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = dotted(node.value)
+        return f"{base}.{node.attr}" if base else ""
+    return ""
+
+
+def keyword(call: ast.Call, name: str):
+    found = [k.value for k in call.keywords if k.arg == name]
+    return found[0].value if found and isinstance(found[0], ast.Constant) else None
+
+
+def pickle_uses(path, root=REPO) -> list[str]:
+    """Every place in one source file that could read or write a pickle unsafely."""
+    problems = []
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        where = f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+            if any(name.split(".")[0] in ("dill", "cloudpickle", "joblib", "shelve", "marshal") for name in names):
+                problems.append(f"{where}: imports a pickle-like serialiser")
+        if isinstance(node, ast.Call):
+            name = dotted(node.func)
+            if name in ("pickle.load", "pickle.loads", "pickle.dump", "pickle.dumps", "pickle.Unpickler",
+                        "pickle.Pickler"):
+                problems.append(f"{where}: {name}")
+            if name == "torch.load" and keyword(node, "weights_only") is not True:
+                problems.append(f"{where}: torch.load without weights_only=True")
+            if name in ("np.load", "numpy.load") and keyword(node, "allow_pickle") is not False and any(
+                    k.arg == "allow_pickle" for k in node.keywords):  # numpy's default is False
+                problems.append(f"{where}: np.load allowing pickles")
+        if isinstance(node, ast.ClassDef) and any(dotted(b) == "pickle.Unpickler" for b in node.bases):
+            if not any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body):
+                problems.append(f"{where}: an Unpickler without a restricting find_class")
+    return problems
+
+
+def test_the_scan_finds_unsafe_pickle_uses(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import pickle, torch, numpy as np\npickle.load(f)\ntorch.load(p)\nnp.load(p, allow_pickle=True)\n"
+                      "class U(pickle.Unpickler):\n    pass\n")
+    assert len(pickle_uses(sample, root=tmp_path)) == 4
+
+
+def test_no_pickle_is_read_or_written_unsafely():
+    problems = [problem for path in SOURCES for problem in pickle_uses(path)]
+    assert not problems, "\n".join(problems)
+
+
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    main(tiny_fit_args(tmp_path, max_steps=2))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    good = torch.load(last, weights_only=True)
+    original = PretrainModule.loss_terms
+
+    def diverging(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        return {**terms, "dsm": terms["dsm"] * math.inf} if self.global_step >= 3 else terms
+
+    monkeypatch.setattr(PretrainModule, "loss_terms", diverging)
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_fit_args(tmp_path, max_steps=6) + ["--ckpt_path", str(last)])
+    assert exit_info.value.code == 2
+    assert "non-finite train loss (inf) at step 3" in capsys.readouterr().err
+    kept = torch.load(last, weights_only=True)
+    assert kept["global_step"] == 3  # step 3 was the first to diverge; steps 1-3 (0-based 0-2) were saved
+    assert all(torch.isfinite(value).all() for value in kept["state_dict"].values() if value.is_floating_point())
+    assert good["global_step"] == 2

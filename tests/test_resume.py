@@ -1,0 +1,93 @@
+"""Kill -9 and resume: a real subprocess is killed mid-way and rerun; the outcome equals an uninterrupted run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, kill_when, tiny_fit_args
+from trajrep.cli import main
+from trajrep.data.cache import RepresentationCache
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(path, weights_only=True)
+    return {**checkpoint["state_dict"], **{f"raw.{k}": v for k, v in checkpoint["current_model_state"].items()}}
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_to_the_same_weights(tmp_path):
+    steps = 20  # 2.5 epochs of 8 batches: the kill lands mid-epoch, the resumed run crosses epoch boundaries
+    main(tiny_fit_args(tmp_path / "straight", steps))
+    straight = weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+
+    killed = tmp_path / "killed"
+    args = tiny_fit_args(killed, steps)
+    kill_when([sys.executable, "-m", "trajrep", *args],
+              lambda: any((killed / "checkpoints").glob("*step=3.ckpt")), cwd=REPO)
+    last = killed / "checkpoints" / "last.ckpt"
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < stopped_at < steps and stopped_at % 8 != 0, stopped_at  # killed mid-way, inside an epoch
+
+    main(args + ["--ckpt_path", str(last)])
+    resumed = weights(last)
+    assert torch.load(last, weights_only=True)["global_step"] == steps
+    assert resumed.keys() == straight.keys()
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def extract_command(checkpoint: Path, cache_dir: Path) -> list[str]:
+    """A `trajrep extract` of the tiny checkpoint on 64 + 48 shapes at 51 times: long enough to be killed."""
+    return [sys.executable, "-m", "trajrep", "extract", "--config", str(REPO / "configs" / "quickstart.yaml"),
+            "--data.init_args.num_train=64", "--data.init_args.num_test=48", "--model.init_args.nf=8",
+            "--model.init_args.widen_factor=0.125", "--ckpt_path", str(checkpoint), "--granularities=[50]",
+            f"--cache_dir={cache_dir}", "--batch_size=4", "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false"]
+
+
+def caches_in(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")] if folder.exists() else []
+
+
+def arrays_of(cache: Path) -> dict[str, np.ndarray]:
+    return {str(p.relative_to(cache)): np.load(p) for p in sorted(cache.rglob("*.npy"))}
+
+
+@pytest.mark.slow
+def test_killed_extraction_leaves_no_cache_and_the_rerun_equals_a_straight_one(tiny_checkpoint, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(extract_command(tiny_checkpoint, straight), check=True, capture_output=True, timeout=300)
+    (expected,) = caches_in(straight)
+
+    killed = tmp_path / "killed"
+    partial = killed / f".{expected.name}.partial"
+    kill_when(extract_command(tiny_checkpoint, killed), lambda: (partial / "manifest.json").exists()
+              or any(partial.glob("test/*.npy")), cwd=REPO)
+    assert not caches_in(killed)  # only the hidden partial folder, which no reader takes for a cache
+
+    subprocess.run(extract_command(tiny_checkpoint, killed), check=True, capture_output=True, timeout=300)
+    (rebuilt,) = caches_in(killed)
+    assert rebuilt.name == expected.name
+    RepresentationCache(rebuilt)  # checksums hold
+    straight_arrays, rebuilt_arrays = arrays_of(expected), arrays_of(rebuilt)
+    assert straight_arrays.keys() == rebuilt_arrays.keys()
+    for name, values in straight_arrays.items():
+        np.testing.assert_array_equal(rebuilt_arrays[name], values, err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_asking_for_one_cache_build_it_once(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    processes = [subprocess.Popen(extract_command(tiny_checkpoint, tmp_path), cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    logs = "\n".join(outputs)
+    assert logs.count("Extracted ") == 1 and logs.count("Reusing representation cache") == 1, logs[-3000:]
+    (cache,) = caches_in(tmp_path)
+    RepresentationCache(cache)  # complete, checksums hold

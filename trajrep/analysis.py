@@ -1,0 +1,167 @@
+"""What each point of the trajectory knows, per task, from probe result files alone (SPEC §9).
+
+    python -m trajrep.analysis results/<preset>/probes [--out results/<preset>/analysis]
+
+For every encoder (a report row without its task):
+- accuracy over t per task: the single-t MLP's validation and test accuracy at every t (selected lr per t),
+  mean ± std over pretraining seeds -> accuracy_over_t.json, accuracy_over_t.png (one panel per encoder, one line
+  per task);
+- attention over t per task: the Transformer's CLS attention over the time tokens (averaged over heads, test
+  examples and probe seeds at the selected lr, renormalised over the time tokens), mean ± std over pretraining
+  seeds -> attention_per_task.json, attention_per_task.png;
+- task profiles: the Jensen-Shannon divergence (bits) between the tasks' mean attention profiles ->
+  task_divergence.json, task_divergence.png;
+- analysis.md: per task, the val-selected best t, the accuracy at the cleanest and noisiest t, and the t that
+  receives the most attention.
+The attention comes from the final weights of the Transformer grid whose accuracy the report shows.
+"""
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial.distance import jensenshannon
+
+from trajrep.errors import TrajrepError, errors_as_one_line
+from trajrep.report import Collected, collect, mean_std, panels, plt, row_order
+
+
+def _encoder(row: tuple) -> tuple:
+    return row[:-1]
+
+
+def accuracy_over_t(collected: Collected) -> dict[tuple, dict[str, dict]]:
+    """{encoder: {task: {"times", "test_mean", "test_std", "val_mean", "val_std"}}} (accuracies in [0, 1])."""
+    found: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row, by_time in collected.per_time.items():
+        if len(by_time) < 2:
+            continue  # the pixel control has one "time"
+        times = sorted(by_time)
+        entry = {"times": times}
+        for split, source in (("test", collected.per_time), ("val", collected.per_time_val)):
+            stats = [mean_std(list(source[row][t].values())) for t in times]
+            entry[f"{split}_mean"] = [mean for mean, _ in stats]
+            entry[f"{split}_std"] = [std or 0.0 for _, std in stats]
+        found[_encoder(row)][row[-1]] = entry
+    return found
+
+
+def attention_per_task(collected: Collected) -> dict[tuple, dict[str, dict]]:
+    """{encoder: {task: {"times", "mean", "std", "seeds"}}}: attention over the time tokens, summing to 1."""
+    found: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row, by_seed in collected.attention.items():
+        weights = np.array(list(by_seed.values()))[:, :-1]  # drop the weight on the CLS key itself
+        weights = weights / weights.sum(axis=1, keepdims=True)
+        found[_encoder(row)][row[-1]] = {
+            "times": collected.times[row], "mean": weights.mean(axis=0).tolist(),
+            "std": (weights.std(axis=0, ddof=1) if len(weights) > 1 else np.zeros(weights.shape[1])).tolist(),
+            "seeds": len(weights)}
+    return found
+
+
+def js_divergence_bits(p: list[float], q: list[float]) -> float:
+    """Jensen-Shannon divergence in bits (scipy gives the distance, its square root)."""
+    return float(jensenshannon(p, q, base=2) ** 2)
+
+
+def task_divergence(attention: dict[tuple, dict[str, dict]]) -> dict[tuple, dict]:
+    """{encoder: {"tasks", "bits" (tasks x tasks)}} between the mean attention profiles."""
+    found = {}
+    for encoder, by_task in attention.items():
+        tasks = sorted(by_task)
+        found[encoder] = {"tasks": tasks, "bits": [[js_divergence_bits(by_task[a]["mean"], by_task[b]["mean"])
+                                                    for b in tasks] for a in tasks]}
+    return found
+
+
+def _title(encoder: tuple) -> str:
+    return " / ".join(str(value) for value in encoder)
+
+
+def plot_per_task(by_encoder: dict, path: Path, key: str, ylabel: str, scale: float = 1.0) -> None:
+    """One panel per encoder, one line per task: entry[f"{key}mean"] ± entry[f"{key}std"] over entry["times"]."""
+    keys = sorted(by_encoder, key=row_order)
+    figure, axes = panels(keys)
+    for ax, encoder in zip(axes, keys):
+        for task, entry in sorted(by_encoder[encoder].items()):
+            mean, std = scale * np.array(entry[f"{key}mean"]), scale * np.array(entry[f"{key}std"])
+            ax.plot(entry["times"], mean, "o-", label=task)
+            ax.fill_between(entry["times"], mean - std, mean + std, alpha=0.15)
+        ax.set(title=_title(encoder), xlabel="t", ylabel=ylabel)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_task_divergence(divergence: dict, path: Path) -> None:
+    keys = sorted(divergence, key=row_order)
+    figure, axes = panels(keys)
+    for ax, encoder in zip(axes, keys):
+        tasks, bits = divergence[encoder]["tasks"], np.array(divergence[encoder]["bits"])
+        image = ax.imshow(bits, cmap="viridis", vmin=0)
+        ax.set(title=_title(encoder), xticks=range(len(tasks)), yticks=range(len(tasks)))
+        ax.set_xticklabels(tasks, rotation=45, fontsize=7)
+        ax.set_yticklabels(tasks, fontsize=7)
+        figure.colorbar(image, ax=ax, label="JS divergence (bits)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def summary_markdown(accuracy: dict, attention: dict) -> str:
+    """Per encoder and task: best t on validation, test accuracy at the cleanest and noisiest t, peak attention."""
+    lines = ["| encoder | task | best t (val) | test acc at best t | at t = first | at t = last | most attended t |",
+             "|---|---|---|---|---|---|---|"]
+    for encoder in sorted(accuracy, key=row_order):
+        for task, entry in sorted(accuracy[encoder].items()):
+            best = int(np.argmax(entry["val_mean"]))
+            seen = attention.get(encoder, {}).get(task)
+            peak = f"{seen['times'][int(np.argmax(seen['mean']))]:g}" if seen else ""
+            lines.append(f"| {_title(encoder)} | {task} | {entry['times'][best]:g} | "
+                         f"{100 * entry['test_mean'][best]:.2f} | {100 * entry['test_mean'][0]:.2f} | "
+                         f"{100 * entry['test_mean'][-1]:.2f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def _keyed(by_encoder: dict) -> list[dict]:
+    """JSON has no tuple keys: one object per encoder, its row fields named."""
+    return [{"encoder": list(encoder), **value} for encoder, value in sorted(by_encoder.items(),
+                                                                             key=lambda item: row_order(item[0]))]
+
+
+def analyse(results_dir: str | Path, out: str | Path) -> Path:
+    """Write every analysis file for the result files under `results_dir` into `out`."""
+    collected = collect(results_dir)
+    accuracy, attention = accuracy_over_t(collected), attention_per_task(collected)
+    if not accuracy:
+        raise TrajrepError(f"no single-t MLP results under {results_dir}; run the mlp probe (or the preset) first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    divergence = task_divergence(attention)
+    for name, value in (("accuracy_over_t", accuracy), ("attention_per_task", attention),
+                        ("task_divergence", divergence)):
+        (out / f"{name}.json").write_text(json.dumps(_keyed(value), indent=1, allow_nan=False))
+    plot_per_task(accuracy, out / "accuracy_over_t.png", "test_", "MLP test accuracy (%)", scale=100)
+    if attention:
+        plot_per_task(attention, out / "attention_per_task.png", "", "CLS attention (share of time tokens)")
+        plot_task_divergence(divergence, out / "task_divergence.png")
+    (out / "analysis.md").write_text(summary_markdown(accuracy, attention))
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Per-task accuracy and attention over t from probe results.")
+    parser.add_argument("results_dir", help="a folder of probe result files, e.g. results/<preset>/probes")
+    parser.add_argument("--out", default=None, help="output folder (default: <results_dir>/../analysis)")
+    options = parser.parse_args(args)
+    with errors_as_one_line():
+        out = analyse(options.results_dir, options.out or Path(options.results_dir).parent / "analysis")
+    print(out / "analysis.md")
+
+
+if __name__ == "__main__":
+    main()
