@@ -1,5 +1,6 @@
 import os
 import pathlib
+from collections.abc import Callable
 import signal
 import subprocess
 import tempfile
@@ -48,19 +49,21 @@ def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
     return root / "checkpoints" / "last.ckpt"
 
 
-def kill_when(command: list[str], ready, cwd: pathlib.Path, timeout: float = 300) -> None:
-    """Start `command`, SIGKILL it as soon as `ready()` holds; fail if it ends (or times out) before that."""
+def kill_when(command: list[str], ready: Callable[[], bool], cwd: pathlib.Path, timeout: float = 300) -> None:
+    """Start `command`, SIGKILL it (and any child) as soon as `ready()` holds; fail if it ends or times out first."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would stall a chatty child
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         deadline = time.monotonic() + timeout
         while not ready():
             if process.poll() is not None:
                 log.seek(0)
                 pytest.fail(f"the run ended before it could be killed: {log.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
                 pytest.fail("the run never reached the point to kill it at")
             time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()

@@ -4,7 +4,7 @@ import os
 import re
 from operator import itemgetter
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -59,10 +59,11 @@ class OneLineErrorParser(LightningArgumentParser):
     """Parse errors end as one TrajrepError line instead of the usage text and a nested report
     (TRAJREP_DEBUG=1 keeps jsonargparse's full message)."""
 
-    def error(self, message: str, ex: Exception | None = None):
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get(DEBUG_ENV):
             super().error(message, ex)
-        command = self.prog.replace(" [options]", "")
+        parser = getattr(ex, "subcommand_parser", None) or self  # jsonargparse names the subcommand at fault
+        command = parser.prog.replace(" [options]", "").replace("__main__.py", "python -m trajrep")
         raise TrajrepError(f"{summarise_parser_error(message)} (see `{command} --help`)") from None
 
 
@@ -102,23 +103,27 @@ class TrajrepCLI(LightningCLI):
         # which must keep their own. Datamodules are therefore built plainly.
         self.parser.add_instantiator(instantiate_directly, LightningDataModule, subclasses=True, prepend=True)
 
-    def parse_arguments(self, parser, args: ArgsType) -> None:
-        """Also check, before anything runs, the output folder, a W&B login when W&B logs, and a --ckpt_path
-        (missing or unreadable is one clear error; it is loaded with weights_only=True, so no pickle code runs,
-        unless told otherwise)."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Also check, before anything runs, the output folder, a W&B login when W&B logs online, and a local
+        --ckpt_path: missing or unreadable is one clear error. Checkpoints load with weights_only=True (no pickle
+        code runs) unless --weights_only=false is given for a trusted file."""
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "", None)
         if config is None or "ckpt_path" not in config:
             return
         if config.trainer.get("default_root_dir"):
             ensure_writable(config.trainer.default_root_dir, "trainer.default_root_dir")
-        if "WandbLogger" in str(config.trainer.get("logger")):
+        logger = str(config.trainer.get("logger"))
+        if "WandbLogger" in logger and not re.search(r"offline=True|mode='(offline|disabled|dryrun)'", logger):
             ensure_wandb_ready()
         if "weights_only" in config and config.weights_only is None:
             config["weights_only"] = True
         path = config.get("ckpt_path")
-        if path is not None and path not in ("last", "best", "hpc", "registry"):
+        local = path is not None and path not in ("last", "best", "hpc") and not re.match(r"\w+:", str(path))
+        if local and config.get("weights_only", True):
             read_checkpoint(path)
+        elif local and not Path(path).is_file():
+            raise TrajrepError(f"checkpoint {path} does not exist; give the .ckpt written by `trajrep fit`")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -151,7 +151,8 @@ def read_checkpoint(ckpt_path: str | Path) -> dict:
     except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TrajrepError(f"checkpoint {path} cannot be read safely ({first}); it is truncated, corrupted or not a "
-                           "trajrep checkpoint: use another one, or rerun the training that wrote it") from None
+                           "trajrep checkpoint: use another one or rerun the training that wrote it (for a trusted "
+                           "file that needs full unpickling, pass --weights_only=false)") from None
 
 
 def load_pretrained_weights(model: PretrainModule, ckpt_path: str | Path, ema: bool,

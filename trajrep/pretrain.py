@@ -153,16 +153,16 @@ class PretrainModule(pl.LightningModule):
         checkpoint["pretrain_seed"] = None if seed is None else int(seed)
         # The RNG stream of training (t and noise draws): a resumed run continues it exactly.
         checkpoint["rng_state"] = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available():  # this process's device (ranks are seeded alike)
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rng_state")
         if state is None:
             return
         torch.set_rng_state(state["cpu"])
-        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
     def configure_optimizers(self):
         impl = {None: {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}

@@ -156,23 +156,29 @@ class ImageDataModule(LightningDataModule, ABC):
                           drop_last=drop_last, collate_fn=_already_a_batch, **order)
 
     def _training_order(self) -> dict[str, Any]:
-        """Sampler arguments of the training loader. The order follows the run's seed and is resumable mid-epoch
-        (EpochShuffle, skipping the batches a restored run already trained); the loader has its own generator, so
-        that starting an epoch draws nothing from the run's RNG stream (which checkpoints restore). Under DDP,
-        Lightning substitutes its DistributedSampler (seeded per epoch) and a restart replays the epoch."""
+        """Sampler arguments of the training loader. The order follows the run's seed and resumes mid-epoch
+        exactly (EpochShuffle, skipping the batches a restored run already trained in its unfinished epoch); the
+        loader has its own generator, so that starting an epoch draws nothing from the run's RNG stream (which
+        checkpoints restore). Under DDP Lightning substitutes its DistributedSampler, and a mid-epoch resume is not
+        exact (the interrupted epoch's order restarts from its beginning)."""
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         generator = torch.Generator().manual_seed(seed)
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             return {"shuffle": True, "generator": generator}
-        size, batch_size = len(self.dataset("train")), self.hparams.batch_size
-        sampler = EpochShuffle(size, seed)
-        if trainer is not None:  # restored from a checkpoint: the batches of this epoch that were trained
+        sampler = EpochShuffle(len(self.dataset("train")), seed)
+        if trainer is not None and trainer.fit_loop.restarting:
             sampler.set_epoch(trainer.current_epoch)
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            per_epoch = size // batch_size if self.hparams.drop_last else -(-size // batch_size)
-            sampler.resume_after(done * batch_size if done < per_epoch else 0)
+            if done < self._batches_per_epoch(trainer.limit_train_batches):
+                sampler.resume_after(done * self.hparams.batch_size)
         return {"sampler": sampler, "generator": generator}
+
+    def _batches_per_epoch(self, limit: int | float) -> int:
+        """Training batches in an epoch, as Lightning counts them under limit_train_batches."""
+        size, batch_size = len(self.dataset("train")), self.hparams.batch_size
+        batches = size // batch_size if self.hparams.drop_last else -(-size // batch_size)
+        return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
 
     def train_dataloader(self) -> DataLoader:
         size, batch_size = len(self.dataset("train")), self.hparams.batch_size
@@ -185,10 +191,11 @@ class ImageDataModule(LightningDataModule, ABC):
         return loader("train", drop_last=self.hparams.drop_last, **self._training_order())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("test", drop_last=False)
+        # Its own generator: starting a loader draws a seed, which must not come from the training RNG stream.
+        return self._loader("test", drop_last=False, generator=torch.Generator())
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", drop_last=False)
+        return self._loader("test", drop_last=False, generator=torch.Generator())
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 images (..., C, H, W) -> float32 in [0, 1], standardised per channel when the dataset says so."""

@@ -5,6 +5,7 @@ The official python-format batches are pickles; torchvision's reader unpickles t
 file could run code. trajrep reads them with an unpickler that admits nothing but numpy's array reconstruction.
 """
 
+import importlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ class ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch file")
-        return getattr(np, name) if module == "numpy" else np._core.multiarray._reconstruct
+        return getattr(importlib.import_module(module), name)
 
 
 def read_cifar_batch(path: Path) -> dict:
@@ -59,7 +60,7 @@ def read_cifar_batch(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
             return ArraysOnlyUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as error:
         raise TrajrepError(f"{path} is not a CIFAR batch file ({error}); copy the torchvision-format files "
                            "again") from None
 
@@ -114,7 +115,7 @@ class CIFARDataModule(ImageDataModule):
         reader = self._variant.reader
         try:
             download_and_extract_archive(reader.url, str(self._root), filename=reader.filename, md5=reader.tgz_md5)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # RuntimeError: the archive failed its checksum
             raise TrajrepError(f"downloading {self._variant.name} into {self._root} failed ({error}); "
                                "`download: true` needs internet, otherwise place the torchvision-format files in "
                                f"{self._folder}") from error

@@ -98,8 +98,10 @@ class ProbeData(pl.LightningDataModule):
             raise TrajrepError(f"the {stage} labels have {per_task.shape[1]} task(s) but the data describes "
                                f"{len(self.num_classes)} (num_classes {self.num_classes}); the cache and the image "
                                "datamodule disagree: rebuild the cache with recompute: true")
-        too_big = per_task.max(dim=0).values >= torch.tensor(self.num_classes)
-        if per_task.numel() and (too_big.any() or per_task.min() < 0):
+        if not per_task.numel():
+            return
+        too_big = per_task.max(dim=0).values >= torch.tensor(self.num_classes, device=per_task.device)
+        if too_big.any() or per_task.min() < 0:
             raise TrajrepError(f"the {stage} labels fall outside 0..classes-1 for task(s) "
                                f"{[n for n, bad in zip(self.task_names, too_big) if bad] or self.task_names} "
                                f"(num_classes {self.num_classes}); the cache and the image datamodule disagree: "
