@@ -178,3 +178,30 @@ def test_a_grid_of_one_member_keeps_its_history(tmp_path):
                default_root_dir=tmp_path).fit(module, datamodule=data)
     assert np.array(module.val_history).shape == (2, 1)
     assert len(module.member_records()) == 1
+
+
+def test_masking_ablation_finds_the_one_informative_time(tmp_path):
+    """The label lives in time token 0 only: hiding it costs accuracy, keeping only it costs none."""
+    import lightning.pytorch as pl
+
+    from trajrep.data.representations import ProbeData
+
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(2, (n,), generator=generator)
+        x = torch.randn(n, 3, 4, generator=generator)
+        x[:, 0, 0] += 4 * labels - 2
+        return x, labels
+
+    data = ProbeData.from_tensors({stage: split(512) for stage in ("train", "val", "test")}, times=[0.0, 0.5, 1.0],
+                                  num_classes=[2], seeds=[0], batch_size=64)
+    module = ProbeModule(kind="transformer", learning_rates=[1e-3], seeds=[0], num_classes=[2], feature_dim=4,
+                         times=[0.0, 0.5, 1.0], results_dir=str(tmp_path),
+                         head_kwargs={"d_model": 16, "ffn_dim": 32, "dropout": 0.0})
+    pl.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=tmp_path).fit(module, datamodule=data)
+    masked = {name: values[0] for name, values in module.masked_test_accuracy().items()}
+    assert masked["full"][0] > 0.9
+    assert masked["drop"][0] < 0.7 and min(masked["drop"][1:]) > 0.85  # tokens 1, 2 and the CLS key
+    assert masked["keep_only"][0] > 0.9 and max(masked["keep_only"][1:]) < 0.7

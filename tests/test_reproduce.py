@@ -146,7 +146,8 @@ def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run):
     assert done.returncode == 0, done.stderr[-3000:]
     out = smoke_run / "results" / "smoke" / "analysis"
     for name in ("accuracy_over_t.json", "accuracy_over_t.png", "attention_per_task.json", "attention_per_task.png",
-                 "task_divergence.json", "task_divergence.png", "analysis.md"):
+                 "task_divergence.json", "task_divergence.png", "masking.json", "masking.md", "masking.png",
+                 "analysis.md"):
         assert (out / name).stat().st_size > 0, name
     tasks = {"background", "foreground", "location", "shape"}
     for encoder in json.loads((out / "accuracy_over_t.json").read_text()):
@@ -155,6 +156,8 @@ def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run):
                    if name in tasks)
     for encoder in json.loads((out / "attention_per_task.json").read_text()):
         assert all(sum(encoder[task]["mean"]) == pytest.approx(1.0) for task in tasks)
+    for encoder in json.loads((out / "masking.json").read_text()):
+        assert all(len(encoder[task]["drop"]) == 4 and len(encoder[task]["keep_only"]) == 3 for task in tasks)
     for encoder in json.loads((out / "task_divergence.json").read_text()):
         bits = np.array(encoder["bits"])
         assert np.allclose(bits, bits.T) and np.allclose(np.diag(bits), 0) and (bits >= 0).all()

@@ -11,9 +11,12 @@ For every encoder (a report row without its task):
   seeds -> attention_per_task.json, attention_per_task.png;
 - task profiles: the Jensen-Shannon divergence (bits) between the tasks' mean attention profiles ->
   task_divergence.json, task_divergence.png;
+- masking ablation: the Transformer's test accuracy with one key hidden from attention (each time token, or the
+  CLS key) and with only one time token left -> masking.json, masking.md, masking.png (bars: accuracy change);
 - analysis.md: per task, the val-selected best t, the accuracy at the cleanest and noisiest t, and the t that
   receives the most attention.
-The attention comes from the final weights of the Transformer grid whose accuracy the report shows.
+Attention and masking use the final weights of the Transformer grid whose (best-epoch) accuracy the report shows,
+at its selected learning rate.
 """
 
 import argparse
@@ -59,6 +62,18 @@ def attention_per_task(collected: Collected) -> dict[tuple, dict[str, dict]]:
             "times": collected.times[row], "mean": weights.mean(axis=0).tolist(),
             "std": (weights.std(axis=0, ddof=1) if len(weights) > 1 else np.zeros(weights.shape[1])).tolist(),
             "seeds": len(weights)}
+    return found
+
+
+def masking_ablation(collected: Collected) -> dict[tuple, dict[str, dict]]:
+    """{encoder: {task: {"times", "full", "drop", "keep_only"}}}: the Transformer's test accuracy with nothing
+    hidden, with one key hidden (time tokens, then the CLS key) and with one time token kept, mean over
+    pretraining seeds (selected lr, mean over probe seeds)."""
+    found: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row, by_seed in collected.masking.items():
+        seeds = list(by_seed.values())
+        found[_encoder(row)][row[-1]] = {"times": collected.times[row], **{
+            name: np.mean([seed[name] for seed in seeds], axis=0).tolist() for name in seeds[0]}}
     return found
 
 
@@ -112,6 +127,42 @@ def plot_task_divergence(divergence: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_masking(masking: dict, path: Path) -> None:
+    """Bars: accuracy change (points) when each key is hidden, per task; one panel per encoder."""
+    keys = sorted(masking, key=row_order)
+    figure, axes = panels(keys)
+    for ax, encoder in zip(axes, keys):
+        tasks = sorted(masking[encoder])
+        width = 0.8 / len(tasks)
+        for k, task in enumerate(tasks):
+            entry = masking[encoder][task]
+            change = 100 * (np.array(entry["drop"]) - entry["full"][0])
+            ax.bar(np.arange(len(change)) + k * width, change, width, label=task)
+        labels = [f"{t:g}" for t in masking[encoder][tasks[0]]["times"]] + ["CLS"]
+        ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(title=_title(encoder), xlabel="hidden key (t)", ylabel="test accuracy change (points)")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def masking_markdown(masking: dict) -> str:
+    """Per encoder and task: accuracy with nothing hidden, the key whose loss hurts most, the best single kept t."""
+    lines = ["| encoder | task | all keys | worst key hidden | accuracy then | best kept t | accuracy then |",
+             "|---|---|---|---|---|---|---|"]
+    for encoder in sorted(masking, key=row_order):
+        for task, entry in sorted(masking[encoder].items()):
+            names = [f"t={t:g}" for t in entry["times"]] + ["CLS"]
+            worst, best = int(np.argmin(entry["drop"])), int(np.argmax(entry["keep_only"]))
+            lines.append(f"| {_title(encoder)} | {task} | {100 * entry['full'][0]:.2f} | {names[worst]} | "
+                         f"{100 * entry['drop'][worst]:.2f} | {entry['times'][best]:g} | "
+                         f"{100 * entry['keep_only'][best]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(accuracy: dict, attention: dict) -> str:
     """Per encoder and task: best t on validation, test accuracy at the cleanest and noisiest t, peak attention."""
     lines = ["| encoder | task | best t (val) | test acc at best t | at t = first | at t = last | most attended t |",
@@ -141,14 +192,17 @@ def analyse(results_dir: str | Path, out: str | Path) -> Path:
         raise TrajrepError(f"no single-t MLP results under {results_dir}; run the mlp probe (or the preset) first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    divergence = task_divergence(attention)
+    divergence, masking = task_divergence(attention), masking_ablation(collected)
     for name, value in (("accuracy_over_t", accuracy), ("attention_per_task", attention),
-                        ("task_divergence", divergence)):
+                        ("task_divergence", divergence), ("masking", masking)):
         (out / f"{name}.json").write_text(json.dumps(_keyed(value), indent=1, allow_nan=False))
     plot_per_task(accuracy, out / "accuracy_over_t.png", "test_", "MLP test accuracy (%)", scale=100)
     if attention:
         plot_per_task(attention, out / "attention_per_task.png", "", "CLS attention (share of time tokens)")
         plot_task_divergence(divergence, out / "task_divergence.png")
+    if masking:
+        plot_masking(masking, out / "masking.png")
+        (out / "masking.md").write_text(masking_markdown(masking))
     (out / "analysis.md").write_text(summary_markdown(accuracy, attention))
     return out
 

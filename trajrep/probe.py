@@ -55,7 +55,7 @@ class ProbeModule(pl.LightningModule):
     each; a training step runs each chunk's forward and backward back to back, so that its activations are still
     in the CPU's cache for the backward pass. On a GPU, where one large kernel is best, set member_chunk to the
     grid size. With `export_attention`, the attention heads' records also carry each member's mean CLS attention
-    over the time tokens on the test split (one extra pass at the end). `encoder_name` names the pretraining variant
+    over the time tokens on the test split and its masking ablation (extra test passes at the end). `encoder_name` names the pretraining variant
     in the results (a preset's encoder name), so that two variants of one mode and width stay apart in tables.
     """
 
@@ -231,6 +231,28 @@ class ProbeModule(pl.LightningModule):
         self.train(was_training)
         return total / count
 
+    @torch.no_grad()
+    def masked_test_accuracy(self) -> dict[str, torch.Tensor]:
+        """The masking ablation (SPEC §9) on the test split, with the weights at the end of training: "full" (G, 1),
+        accuracy with nothing hidden; "drop" (G, T + 1), with one key hidden from attention (time token i, or the
+        CLS key last);
+        "keep_only" (G, T), accuracy when time token i is the only time token left (the CLS key stays)."""
+        num_times = len(self.hparams.times)
+        eye = torch.eye(num_times + 1, dtype=torch.bool, device=self.device)
+        masks = {"full": [None], "drop": list(eye), "keep_only": [~row & ~eye[num_times] for row in eye[:num_times]]}
+        correct = {name: torch.zeros(len(self.members), len(rows), device=self.device) for name, rows in masks.items()}
+        was_training, count = self.training, 0
+        self.eval()
+        for x, y in self.trainer.datamodule.test_dataloader():
+            x, labels = x.to(self.device), self.member_labels(y.to(self.device), slice(None))
+            for name, rows in masks.items():
+                for i, mask in enumerate(rows):
+                    predictions = self(x, key_mask=mask).argmax(dim=-1)
+                    correct[name][:, i] += (predictions == labels).sum(dim=1)
+            count += x.shape[0]
+        self.train(was_training)
+        return {name: values / count for name, values in correct.items()}
+
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:  # fail now, not after the whole grid has trained
             ensure_writable(self.hparams.results_dir, "results_dir")
@@ -240,8 +262,10 @@ class ProbeModule(pl.LightningModule):
             return
         records = self.member_records()
         if self.hparams.kind in ATTENTION_HEADS and self.hparams.export_attention:
-            for record, weights in zip(records, self.mean_test_attention().tolist()):
+            masked = {name: values.tolist() for name, values in self.masked_test_accuracy().items()}
+            for g, (record, weights) in enumerate(zip(records, self.mean_test_attention().tolist())):
                 record["attention"] = weights
+                record["masking"] = {name: values[g] for name, values in masked.items()}
         datamodule = self.trainer.datamodule
         context = {
             **getattr(datamodule, "metadata", {}),

@@ -50,13 +50,14 @@ def row_order(row: tuple) -> tuple:
 
 class Collected:
     """Selected accuracies per (row, probe), MLP test (and validation) accuracies per (row, t) and the
-    Transformer's mean attention per row, each keyed by pretraining seed."""
+    Transformer's mean attention and masking ablation per row, each keyed by pretraining seed."""
 
     def __init__(self) -> None:
         self.cells: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
         self.per_time: dict[tuple, dict[float, dict]] = defaultdict(lambda: defaultdict(dict))
         self.per_time_val: dict[tuple, dict[float, dict]] = defaultdict(lambda: defaultdict(dict))
         self.attention: dict[tuple, dict] = defaultdict(dict)
+        self.masking: dict[tuple, dict] = defaultdict(dict)
         self.cka: dict[tuple, dict] = defaultdict(dict)
         self.times: dict[tuple, list[float]] = {}
 
@@ -81,6 +82,11 @@ class Collected:
             if chosen and probe == "transformer":
                 self.attention[row][seed] = np.mean(chosen, axis=0).tolist()
                 self.times[row] = context["times"]
+            masked = [r["masking"] for r in results["records"]
+                      if r["task"] == task and r["lr"] == selected["lr"] and "masking" in r]
+            if masked and probe == "transformer":
+                self.masking[row][seed] = {name: np.mean([m[name] for m in masked], axis=0).tolist()
+                                           for name in masked[0]}
 
 
 def collect(results_dir: str | Path) -> Collected:
