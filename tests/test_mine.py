@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trajrep.mine import mine
+from trajrep.mine import mine, time_nmi
 
 
 @pytest.mark.parametrize("rho, dim", [(0.8, 2), (0.5, 4)])
@@ -21,3 +21,14 @@ def test_mine_finds_no_information_between_independent_variables():
     generator = torch.Generator().manual_seed(2)
     x, z = torch.randn(20000, 2, generator=generator), torch.randn(20000, 2, generator=generator)
     assert abs(mine(x, z, steps=1500)) < 0.05
+
+
+@pytest.mark.slow
+def test_time_nmi_is_high_between_dependent_times_and_near_zero_otherwise():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 2, generator=generator)
+    noisy = x + 0.3 * torch.randn(5000, 2, generator=generator)
+    unrelated = torch.randn(5000, 2, generator=generator)
+    nmi = time_nmi(torch.stack([x, noisy, unrelated], dim=1), seeds=[0], steps=1500, lr=1e-3)
+    assert torch.allclose(nmi, nmi.T) and torch.allclose(nmi.diagonal(), torch.ones(3))
+    assert nmi[0, 1] > 0.4 and nmi[0, 2] < 0.1 and nmi[1, 2] < 0.1

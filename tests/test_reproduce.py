@@ -141,13 +141,13 @@ def test_js_divergence_is_in_bits():
 @pytest.mark.slow
 def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run):
     probes = smoke_run / "results" / "smoke" / "probes"
-    done = subprocess.run([sys.executable, "-m", "trajrep.analysis", str(probes)], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-m", "trajrep.analysis", str(probes), "--mine-steps=200",
+                           "--mine-seeds", "0"], cwd=smoke_run, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = smoke_run / "results" / "smoke" / "analysis"
     for name in ("accuracy_over_t.json", "accuracy_over_t.png", "attention_per_task.json", "attention_per_task.png",
                  "task_divergence.json", "task_divergence.png", "masking.json", "masking.md", "masking.png",
-                 "analysis.md"):
+                 "nmi.json", "nmi.png", "analysis.md"):
         assert (out / name).stat().st_size > 0, name
     tasks = {"background", "foreground", "location", "shape"}
     for encoder in json.loads((out / "accuracy_over_t.json").read_text()):
@@ -158,6 +158,9 @@ def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run):
         assert all(sum(encoder[task]["mean"]) == pytest.approx(1.0) for task in tasks)
     for encoder in json.loads((out / "masking.json").read_text()):
         assert all(len(encoder[task]["drop"]) == 4 and len(encoder[task]["keep_only"]) == 3 for task in tasks)
+    for encoder in json.loads((out / "nmi.json").read_text()):
+        nmi = np.array(encoder["nmi"])
+        assert nmi.shape == (3, 3) and np.allclose(nmi, nmi.T) and (nmi >= 0).all()
     for encoder in json.loads((out / "task_divergence.json").read_text()):
         bits = np.array(encoder["bits"])
         assert np.allclose(bits, bits.T) and np.allclose(np.diag(bits), 0) and (bits >= 0).all()

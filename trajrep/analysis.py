@@ -13,6 +13,9 @@ For every encoder (a report row without its task):
   task_divergence.json, task_divergence.png;
 - masking ablation: the Transformer's test accuracy with one key hidden from attention (each time token, or the
   CLS key) and with only one time token left -> masking.json, masking.md, masking.png (bars: accuracy change);
+- mutual information between times: MINE estimates of I(E(x, t_i); E(x, t_j)) on the test representations of
+  every cache a single-t MLP read, NMI_ij = I_ij / sqrt(I_ii I_jj), mean over estimator and pretraining seeds
+  -> nmi.json, nmi.png (11 x 11 for g = 10);
 - analysis.md: per task, the val-selected best t, the accuracy at the cleanest and noisiest t, and the t that
   receives the most attention.
 Attention and masking use the final weights of the Transformer grid whose (best-epoch) accuracy the report shows,
@@ -21,15 +24,19 @@ at its selected learning rate.
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.spatial.distance import jensenshannon
 
+from trajrep.data.cache import RepresentationCache
 from trajrep.errors import TrajrepError, errors_as_one_line
-from trajrep.report import Collected, collect, mean_std, panels, plt, row_order
+from trajrep.mine import time_nmi
+from trajrep.report import Collected, collect, encoder_label, mean_std, panels, plt, row_order
+from trajrep.results import read_results
+from trajrep.timegrid import select_times
 
 
 def _encoder(row: tuple) -> tuple:
@@ -77,6 +84,26 @@ def masking_ablation(collected: Collected) -> dict[tuple, dict[str, dict]]:
     return found
 
 
+def nmi_between_times(results_dir: str | Path, steps: int, seeds: list[int], max_examples: int
+                      ) -> dict[tuple, dict]:
+    """{encoder: {"times", "nmi" (T x T, mean over pretraining seeds), "seeds"}} from the test representations of
+    every cache that a single-t MLP grid read (its result file names the cache)."""
+    by_encoder: dict[tuple, dict] = defaultdict(lambda: {"nmi": []})
+    for path in sorted(Path(results_dir).rglob("mlp-*.json")):
+        context = read_results(path)["context"]
+        if "cache_key" not in context or context.get("encoder_mode") == "pixels":
+            continue
+        cache = RepresentationCache(Path(context["config"]["data"]["cache_dir"]) / context["cache_key"])
+        indices = select_times(cache.times, context["times"])
+        test = torch.from_numpy(cache.representations("test", indices)[:max_examples]).float()
+        encoder = (context.get("dataset"), encoder_label(context), context.get("latent_dim"),
+                   context.get("pretrain_steps"), len(context["times"]) - 1)
+        by_encoder[encoder]["times"] = context["times"]
+        by_encoder[encoder]["nmi"].append(time_nmi(test, seeds, steps=steps))
+    return {encoder: {"times": entry["times"], "nmi": torch.stack(entry["nmi"]).mean(dim=0).tolist(),
+                      "seeds": len(entry["nmi"])} for encoder, entry in by_encoder.items()}
+
+
 def js_divergence_bits(p: list[float], q: list[float]) -> float:
     """Jensen-Shannon divergence in bits (scipy gives the distance, its square root)."""
     return float(jensenshannon(p, q, base=2) ** 2)
@@ -112,16 +139,17 @@ def plot_per_task(by_encoder: dict, path: Path, key: str, ylabel: str, scale: fl
     plt.close(figure)
 
 
-def plot_task_divergence(divergence: dict, path: Path) -> None:
-    keys = sorted(divergence, key=row_order)
+def plot_heat_maps(by_encoder: dict, path: Path, labels_key: str, values_key: str, label: str) -> None:
+    """One square heat map per encoder: entry[values_key] with entry[labels_key] on both axes."""
+    keys = sorted(by_encoder, key=row_order)
     figure, axes = panels(keys)
     for ax, encoder in zip(axes, keys):
-        tasks, bits = divergence[encoder]["tasks"], np.array(divergence[encoder]["bits"])
-        image = ax.imshow(bits, cmap="viridis", vmin=0)
-        ax.set(title=_title(encoder), xticks=range(len(tasks)), yticks=range(len(tasks)))
-        ax.set_xticklabels(tasks, rotation=45, fontsize=7)
-        ax.set_yticklabels(tasks, fontsize=7)
-        figure.colorbar(image, ax=ax, label="JS divergence (bits)")
+        labels = [f"{v:g}" if isinstance(v, float) else str(v) for v in by_encoder[encoder][labels_key]]
+        image = ax.imshow(np.array(by_encoder[encoder][values_key]), cmap="viridis", vmin=0)
+        ax.set(title=_title(encoder), xticks=range(len(labels)), yticks=range(len(labels)))
+        ax.set_xticklabels(labels, rotation=45, fontsize=7)
+        ax.set_yticklabels(labels, fontsize=7)
+        figure.colorbar(image, ax=ax, label=label)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -184,8 +212,10 @@ def _keyed(by_encoder: dict) -> list[dict]:
                                                                              key=lambda item: row_order(item[0]))]
 
 
-def analyse(results_dir: str | Path, out: str | Path) -> Path:
-    """Write every analysis file for the result files under `results_dir` into `out`."""
+def analyse(results_dir: str | Path, out: str | Path, mine_steps: int = 4000, mine_seeds: list[int] = [0, 1],
+            mine_examples: int = 5000) -> Path:
+    """Write every analysis file for the result files under `results_dir` into `out` (the NMI heat maps only
+    with mine_steps > 0: 4,000 MINE steps per pair of times take minutes per encoder on a CPU)."""
     collected = collect(results_dir)
     accuracy, attention = accuracy_over_t(collected), attention_per_task(collected)
     if not accuracy:
@@ -199,10 +229,14 @@ def analyse(results_dir: str | Path, out: str | Path) -> Path:
     plot_per_task(accuracy, out / "accuracy_over_t.png", "test_", "MLP test accuracy (%)", scale=100)
     if attention:
         plot_per_task(attention, out / "attention_per_task.png", "", "CLS attention (share of time tokens)")
-        plot_task_divergence(divergence, out / "task_divergence.png")
+        plot_heat_maps(divergence, out / "task_divergence.png", "tasks", "bits", "JS divergence (bits)")
     if masking:
         plot_masking(masking, out / "masking.png")
         (out / "masking.md").write_text(masking_markdown(masking))
+    if mine_steps > 0:
+        nmi = nmi_between_times(results_dir, mine_steps, mine_seeds, mine_examples)
+        (out / "nmi.json").write_text(json.dumps(_keyed(nmi), indent=1, allow_nan=False))
+        plot_heat_maps(nmi, out / "nmi.png", "times", "nmi", "NMI")
     (out / "analysis.md").write_text(summary_markdown(accuracy, attention))
     return out
 
@@ -211,9 +245,13 @@ def main(args: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Per-task accuracy and attention over t from probe results.")
     parser.add_argument("results_dir", help="a folder of probe result files, e.g. results/<preset>/probes")
     parser.add_argument("--out", default=None, help="output folder (default: <results_dir>/../analysis)")
+    parser.add_argument("--mine-steps", type=int, default=4000, help="MINE steps per pair of times (0: no NMI)")
+    parser.add_argument("--mine-seeds", type=int, nargs="+", default=[0, 1], help="MINE estimator seeds")
+    parser.add_argument("--mine-examples", type=int, default=5000, help="test examples given to MINE")
     options = parser.parse_args(args)
     with errors_as_one_line():
-        out = analyse(options.results_dir, options.out or Path(options.results_dir).parent / "analysis")
+        out = analyse(options.results_dir, options.out or Path(options.results_dir).parent / "analysis",
+                      options.mine_steps, options.mine_seeds, options.mine_examples)
     print(out / "analysis.md")
 
 

@@ -43,3 +43,21 @@ def mine(x: Tensor, z: Tensor, steps: int = 4000, batch_size: int = 256, lr: flo
         optimizer.step()
         bounds.append((joint - (torch.logsumexp(marginal, dim=0) - math.log(batch_size))).item())
     return sum(bounds[-window:]) / len(bounds[-window:])
+
+
+def time_nmi(representations: Tensor, seeds: list[int], **mine_options) -> Tensor:
+    """(T, T) normalised mutual information between the representations at every two times, NMI_ij =
+    I_ij / sqrt(I_ii I_jj), from representations (N, T, d); each I is a MINE estimate averaged over `seeds`.
+    I_ii is the estimator's (finite) value for a representation with itself, as in the paper. Estimates are
+    clamped at 0 (MI is never negative); a time without detectable self-information gets NMI 0."""
+    num_times = representations.shape[1]
+    information = torch.zeros(num_times, num_times)
+    for i in range(num_times):
+        for j in range(i, num_times):
+            estimates = [mine(representations[:, i], representations[:, j], seed=seed, **mine_options)
+                         for seed in seeds]
+            information[i, j] = information[j, i] = sum(estimates) / len(estimates)
+    information.clamp_min_(0.0)  # a negative bound means no detectable information
+    diagonal = information.diagonal()
+    scale = (diagonal[:, None] * diagonal[None, :]).sqrt()
+    return torch.where(scale > 0, information / scale.clamp_min(1e-12), torch.zeros_like(information))
