@@ -147,7 +147,7 @@ def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run):
     out = smoke_run / "results" / "smoke" / "analysis"
     for name in ("accuracy_over_t.json", "accuracy_over_t.png", "attention_per_task.json", "attention_per_task.png",
                  "task_divergence.json", "task_divergence.png", "masking.json", "masking.md", "masking.png",
-                 "nmi.json", "nmi.png", "analysis.md"):
+                 "nmi.json", "nmi.png", "attention_per_class.json", "attention_per_class.png", "analysis.md"):
         assert (out / name).stat().st_size > 0, name
     tasks = {"background", "foreground", "location", "shape"}
     for encoder in json.loads((out / "accuracy_over_t.json").read_text()):
@@ -156,6 +156,9 @@ def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run):
                    if name in tasks)
     for encoder in json.loads((out / "attention_per_task.json").read_text()):
         assert all(sum(encoder[task]["mean"]) == pytest.approx(1.0) for task in tasks)
+    for encoder in json.loads((out / "attention_per_class.json").read_text()):
+        assert len(encoder["background"]["mean"]) == 9 and len(encoder["shape"]["mean"]) == 5  # classes per task
+        assert all(sum(row) == pytest.approx(1.0) for row in encoder["location"]["mean"])
     for encoder in json.loads((out / "masking.json").read_text()):
         assert all(len(encoder[task]["drop"]) == 4 and len(encoder[task]["keep_only"]) == 3 for task in tasks)
     for encoder in json.loads((out / "nmi.json").read_text()):

@@ -8,7 +8,8 @@ For every encoder (a report row without its task):
   per task);
 - attention over t per task: the Transformer's CLS attention over the time tokens (averaged over heads, test
   examples and probe seeds at the selected lr, renormalised over the time tokens), mean ± std over pretraining
-  seeds -> attention_per_task.json, attention_per_task.png;
+  seeds -> attention_per_task.json, attention_per_task.png; and per class of each task -> attention_per_class.json,
+  attention_per_class.png (a heat map per encoder and task);
 - task profiles: the Jensen-Shannon divergence (bits) between the tasks' mean attention profiles ->
   task_divergence.json, task_divergence.png;
 - masking ablation: the Transformer's test accuracy with one key hidden from attention (each time token, or the
@@ -69,6 +70,19 @@ def attention_per_task(collected: Collected) -> dict[tuple, dict[str, dict]]:
             "times": collected.times[row], "mean": weights.mean(axis=0).tolist(),
             "std": (weights.std(axis=0, ddof=1) if len(weights) > 1 else np.zeros(weights.shape[1])).tolist(),
             "seeds": len(weights)}
+    return found
+
+
+def attention_per_class(collected: Collected) -> dict[tuple, dict[str, dict]]:
+    """{encoder: {task: {"times", "classes", "mean" (classes x times), "seeds"}}}: the attention over the time
+    tokens per class of the task, renormalised over the time tokens, mean over pretraining seeds."""
+    found: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row, by_seed in collected.attention_per_class.items():
+        entries = list(by_seed.values())
+        weights = np.mean([entry["weights"] for entry in entries], axis=0)[:, :-1]
+        found[_encoder(row)][row[-1]] = {
+            "times": collected.times[row], "classes": entries[0]["classes"],
+            "mean": (weights / weights.sum(axis=1, keepdims=True)).tolist(), "seeds": len(entries)}
     return found
 
 
@@ -155,6 +169,22 @@ def plot_heat_maps(by_encoder: dict, path: Path, labels_key: str, values_key: st
     plt.close(figure)
 
 
+def plot_attention_per_class(by_encoder: dict, path: Path) -> None:
+    """One heat map per (encoder, task): classes down, times across."""
+    keys = sorted(((*encoder, task) for encoder, by_task in by_encoder.items() for task in by_task), key=row_order)
+    figure, axes = panels(keys)
+    for ax, row in zip(axes, keys):
+        entry = by_encoder[row[:-1]][row[-1]]
+        image = ax.imshow(np.array(entry["mean"]), cmap="viridis", aspect="auto")
+        ax.set(xlabel="t", ylabel="class", xticks=range(len(entry["times"])))
+        ax.set_title(_title(row), fontsize=7)
+        ax.set_xticklabels([f"{t:g}" for t in entry["times"]], rotation=45, fontsize=7)
+        figure.colorbar(image, ax=ax, label="CLS attention")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_masking(masking: dict, path: Path) -> None:
     """Bars: accuracy change (points) when each key is hidden, per task; one panel per encoder."""
     keys = sorted(masking, key=row_order)
@@ -223,13 +253,16 @@ def analyse(results_dir: str | Path, out: str | Path, mine_steps: int = 4000, mi
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     divergence, masking = task_divergence(attention), masking_ablation(collected)
+    per_class = attention_per_class(collected)
     for name, value in (("accuracy_over_t", accuracy), ("attention_per_task", attention),
-                        ("task_divergence", divergence), ("masking", masking)):
+                        ("attention_per_class", per_class), ("task_divergence", divergence), ("masking", masking)):
         (out / f"{name}.json").write_text(json.dumps(_keyed(value), indent=1, allow_nan=False))
     plot_per_task(accuracy, out / "accuracy_over_t.png", "test_", "MLP test accuracy (%)", scale=100)
     if attention:
         plot_per_task(attention, out / "attention_per_task.png", "", "CLS attention (share of time tokens)")
         plot_heat_maps(divergence, out / "task_divergence.png", "tasks", "bits", "JS divergence (bits)")
+    if per_class:
+        plot_attention_per_class(per_class, out / "attention_per_class.png")
     if masking:
         plot_masking(masking, out / "masking.png")
         (out / "masking.md").write_text(masking_markdown(masking))

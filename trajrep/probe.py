@@ -55,7 +55,8 @@ class ProbeModule(pl.LightningModule):
     each; a training step runs each chunk's forward and backward back to back, so that its activations are still
     in the CPU's cache for the backward pass. On a GPU, where one large kernel is best, set member_chunk to the
     grid size. With `export_attention`, the attention heads' records also carry each member's mean CLS attention
-    over the time tokens on the test split and its masking ablation (extra test passes at the end). `encoder_name` names the pretraining variant
+    over the time tokens on the test split (overall and per class) and its masking ablation (extra test passes
+    at the end). `encoder_name` names the pretraining variant
     in the results (a preset's encoder name), so that two variants of one mode and width stay apart in tables.
     """
 
@@ -220,16 +221,21 @@ class ProbeModule(pl.LightningModule):
         } for g, m in enumerate(self.members)]
 
     @torch.no_grad()
-    def mean_test_attention(self) -> torch.Tensor:
-        """(G, T + 1): each member's CLS attention over the time tokens (CLS key last), averaged over heads and
-        test examples, with the weights at the end of training."""
+    def mean_test_attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each member's CLS attention over the time tokens (CLS key last), averaged over heads, with the weights
+        at the end of training: over all test examples (G, T + 1), per class of its task (G, C, T + 1), and the
+        number of test examples per class (G, C)."""
         was_training, total, count = self.training, 0.0, 0
+        per_class, class_count = 0.0, 0.0
         self.eval()
-        for x, _ in self.trainer.datamodule.test_dataloader():
+        for x, y in self.trainer.datamodule.test_dataloader():
             _, attention = self(x.to(self.device), return_attention=True)
+            one_hot = F.one_hot(self.member_labels(y.to(self.device), slice(None)), self.logit_mask.shape[1]).float()
+            per_class = per_class + torch.einsum("gbc,gbt->gct", one_hot, attention)
+            class_count = class_count + one_hot.sum(dim=1)
             total, count = total + attention.sum(dim=1), count + x.shape[0]
         self.train(was_training)
-        return total / count
+        return total / count, per_class / class_count.clamp_min(1)[:, :, None], class_count
 
     @torch.no_grad()
     def masked_test_accuracy(self) -> dict[str, torch.Tensor]:
@@ -263,8 +269,11 @@ class ProbeModule(pl.LightningModule):
         records = self.member_records()
         if self.hparams.kind in ATTENTION_HEADS and self.hparams.export_attention:
             masked = {name: values.tolist() for name, values in self.masked_test_accuracy().items()}
-            for g, (record, weights) in enumerate(zip(records, self.mean_test_attention().tolist())):
-                record["attention"] = weights
+            attention, per_class, class_count = (v.tolist() for v in self.mean_test_attention())
+            for g, record in enumerate(records):
+                record["attention"] = attention[g]
+                record["attention_per_class"] = [weights if n > 0 else None  # a class absent from the test split
+                                                 for weights, n in zip(per_class[g], class_count[g])]
                 record["masking"] = {name: values[g] for name, values in masked.items()}
         datamodule = self.trainer.datamodule
         context = {

@@ -50,7 +50,8 @@ def row_order(row: tuple) -> tuple:
 
 class Collected:
     """Selected accuracies per (row, probe), MLP test (and validation) accuracies per (row, t) and the
-    Transformer's mean attention and masking ablation per row, each keyed by pretraining seed."""
+    Transformer's mean attention (overall and per class) and masking ablation per row, each keyed by pretraining
+    seed."""
 
     def __init__(self) -> None:
         self.cells: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
@@ -58,6 +59,7 @@ class Collected:
         self.per_time_val: dict[tuple, dict[float, dict]] = defaultdict(lambda: defaultdict(dict))
         self.attention: dict[tuple, dict] = defaultdict(dict)
         self.masking: dict[tuple, dict] = defaultdict(dict)
+        self.attention_per_class: dict[tuple, dict] = defaultdict(dict)
         self.cka: dict[tuple, dict] = defaultdict(dict)
         self.times: dict[tuple, list[float]] = {}
 
@@ -82,6 +84,12 @@ class Collected:
             if chosen and probe == "transformer":
                 self.attention[row][seed] = np.mean(chosen, axis=0).tolist()
                 self.times[row] = context["times"]
+            by_class = [r["attention_per_class"] for r in results["records"]
+                        if r["task"] == task and r["lr"] == selected["lr"] and "attention_per_class" in r]
+            if by_class and probe == "transformer":  # classes present in the test split: the same for every seed
+                classes = [c for c, weights in enumerate(by_class[0]) if weights is not None]
+                self.attention_per_class[row][seed] = {"classes": classes, "weights": np.mean(
+                    [[weights[c] for c in classes] for weights in by_class], axis=0).tolist()}
             masked = [r["masking"] for r in results["records"]
                       if r["task"] == task and r["lr"] == selected["lr"] and "masking" in r]
             if masked and probe == "transformer":
