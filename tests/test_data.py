@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import tiny_fit_args
 from trajrep.cli import main
-from trajrep.data import CIFAR10, CIFAR100, Coloured, FashionMNIST, ImageDataModule, ImageFolder, SyntheticShapes
+from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, ImageDataModule, ImageFolder,
+                          SyntheticShapes)
 from trajrep.data.fashion_mnist import DEFAULT_ROOT
 from trajrep.data.synthetic import NUM_COMBINATIONS, PALETTE
 from trajrep.errors import TrajrepError
@@ -457,3 +458,48 @@ def test_coloured_fashion_trains_from_the_cli(tmp_path):
                  "--data.batch_size=8"])
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["image_channels"] == 3
+
+
+# ---------------------------------------------------------------- CelebA (a generated stand-in, same layout)
+
+def fake_celeba(root: pathlib.Path, attributes=("Smiling", "Young", "Bald")) -> dict[str, list]:
+    folder = root / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows, partition, labels = [], [], {"train": [], "test": []}
+    for i in range(12):
+        name = f"{i:06d}.jpg"
+        Image.new("RGB", (178, 218), tuple(int(v) for v in rng.integers(0, 256, 3))).save(
+            folder / "img_align_celeba" / name)
+        values = rng.choice([-1, 1], size=len(attributes)).tolist()
+        rows.append(f"{name} " + " ".join(f"{v:2d}" for v in values))
+        split = "0" if i < 6 else ("1" if i < 8 else "2")
+        partition.append(f"{name} {split}")
+        if split != "1":
+            labels["train" if split == "0" else "test"].append([int(v == 1) for v in values])
+    (folder / "list_attr_celeba.txt").write_text("\n".join([str(len(rows)), " ".join(attributes), *rows]) + "\n")
+    (folder / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
+    return labels
+
+
+def test_celeba_reads_torchvisions_layout_with_one_task_per_attribute(tmp_path):
+    labels = fake_celeba(tmp_path)
+    data = CelebA(root=str(tmp_path), image_size=16)
+    assert data.image_shape == (3, 16, 16) and data.num_classes == [2, 2, 2]
+    assert data.task_names == ["Smiling", "Young", "Bald"]
+    for split, count in (("train", 6), ("test", 4)):  # the official validation partition (1) is not used
+        dataset = data.dataset(split)
+        assert len(dataset) == count
+        image, label = dataset[0]
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
+        assert [dataset[i][1].tolist() for i in range(count)] == labels[split]
+
+
+def test_celeba_missing_files_and_bad_lines_are_named(tmp_path):
+    with pytest.raises(TrajrepError, match="lacks img_align_celeba, list_attr_celeba.txt"):
+        CelebA(root=str(tmp_path))
+    fake_celeba(tmp_path)
+    attributes = tmp_path / "celeba" / "list_attr_celeba.txt"
+    attributes.write_text(attributes.read_text().replace(" 1", " 7", 1))
+    with pytest.raises(TrajrepError, match=r"line \d+ is not"):
+        CelebA(root=str(tmp_path), image_size=16).dataset("train")

@@ -11,8 +11,8 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 # Imported so that configs can name the classes by short name (class_path: SyntheticShapes).
 from trajrep.callbacks import EMA  # noqa: F401
-from trajrep.data import (CIFAR10, CIFAR100, Coloured, FashionMNIST, ImageDataModule, ImageFolder,  # noqa: F401
-                          SyntheticShapes)
+from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, ImageDataModule,  # noqa: F401
+                          ImageFolder, SyntheticShapes)
 from trajrep.data.representations import PixelProbeData, RepresentationDataModule  # noqa: F401
 from trajrep.checks import ensure_wandb_ready, ensure_writable
 from trajrep.errors import DEBUG_ENV, TrajrepError, errors_as_one_line
