@@ -61,6 +61,7 @@ def test_smoke_preset_goes_from_nothing_to_a_table(smoke_run):
     for column in COLUMNS.values():
         assert column in table
     assert "untrained reg-drl" in table and "pixels" in table and "CKA across t" in table
+    assert [p.name for p in (smoke_run / "cache").iterdir()] == ["smoke"]  # the preset's cache_dir, verbatim
     for name in ("table.csv", "table.tex", "accuracy_vs_t.png", "attention_over_t.png"):
         assert (out / name).stat().st_size > 0, name
     # Two pretraining seeds per trained row: the cells carry a spread and the differences an interval.

@@ -217,7 +217,8 @@ class Reproduction:
         return ["--data=RepresentationDataModule", f"--data.checkpoint={checkpoint}",
                 f"--data.granularities={json.dumps(self.preset.grids)}",
                 f"--data.probe_times={json.dumps(probe_times)}",
-                *(f"--data.{key}={json.dumps(value)}" for key, value in self.preset.cache.items())]
+                *(f"--data.{key}={value if isinstance(value, str) else json.dumps(value)}"  # no quotes around text
+                  for key, value in self.preset.cache.items())]
 
     def run(self) -> Path:
         for dataset in self.preset.datasets:
