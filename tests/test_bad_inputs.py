@@ -12,6 +12,7 @@ from conftest import QUICKSTART, REPO, tiny_fit_args
 from trajrep.cli import main
 from trajrep.data.cache import FORMAT_VERSION
 from trajrep.data.representations import ProbeData
+from trajrep.errors import TrajrepError
 
 
 @pytest.fixture(autouse=True)
@@ -156,11 +157,11 @@ def test_labels_that_do_not_fit_the_probe_are_refused():
     x = torch.zeros(8, 2, 4)
     data = ProbeData.from_tensors({stage: (x, torch.zeros(8, 2, dtype=torch.long)) for stage in ("train", "val", "test")},
                                   times=[0.0, 1.0], num_classes=[10], seeds=[0])
-    with pytest.raises(Exception, match="2 task"):
+    with pytest.raises(TrajrepError, match="2 task"):
         data.train_dataloader()
     data = ProbeData.from_tensors({stage: (x, torch.full((8,), 12)) for stage in ("train", "val", "test")},
                                   times=[0.0, 1.0], num_classes=[10], seeds=[0])
-    with pytest.raises(Exception, match="outside 0..classes-1"):
+    with pytest.raises(TrajrepError, match="outside 0..classes-1"):
         data.train_dataloader()
 
 

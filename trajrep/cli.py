@@ -16,7 +16,7 @@ from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, Ima
 from trajrep.data.representations import PixelProbeData, RepresentationDataModule  # noqa: F401
 from trajrep.checks import ensure_wandb_ready, ensure_writable
 from trajrep.errors import DEBUG_ENV, TrajrepError, errors_as_one_line
-from trajrep.extract import extract_representations, load_pretrained_weights, read_checkpoint
+from trajrep.extract import existing_checkpoint, extract_representations, load_pretrained_weights, read_checkpoint
 from trajrep.pretrain import PretrainModule
 from trajrep.probe import ProbeModule  # noqa: F401
 from trajrep.timegrid import build_time_grid
@@ -122,8 +122,8 @@ class TrajrepCLI(LightningCLI):
         local = path is not None and path not in ("last", "best", "hpc") and not re.match(r"\w+:", str(path))
         if local and config.get("weights_only", True):
             read_checkpoint(path)
-        elif local and not Path(path).is_file():
-            raise TrajrepError(f"checkpoint {path} does not exist; give the .ckpt written by `trajrep fit`")
+        elif local:
+            existing_checkpoint(path)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

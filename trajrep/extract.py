@@ -140,12 +140,18 @@ class CacheRowWriter(BasePredictionWriter):
         trainer.strategy.barrier("cache-finalized")
 
 
-def read_checkpoint(ckpt_path: str | Path) -> dict:
-    """A training checkpoint, loaded safely (weights_only: no pickle code runs)."""
+def existing_checkpoint(ckpt_path: str | Path) -> Path:
+    """The path of a checkpoint file, or a clear error when there is none."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise TrajrepError(f"checkpoint {path} does not exist; give the .ckpt written by `trajrep fit` "
                            "(e.g. runs/quickstart/checkpoints/last.ckpt)")
+    return path
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """A training checkpoint, loaded safely (weights_only: no pickle code runs)."""
+    path = existing_checkpoint(ckpt_path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
