@@ -53,8 +53,10 @@ def probe(checkpoint: pathlib.Path, tmp_path: pathlib.Path, *extra: str) -> list
     (fit("--model.init_args.widen_factor=-1"), "widen_factor must be >= 0"),
     (["fitt"], "invalid choice: 'fitt'"),
     (["fit", "--config", "configs/no-such-config.yaml"], "no-such-config.yaml"),
+    (fit("--trainer.precision=bf16-mixed", "--model.init_args.adam_impl=fused"),
+     "adam_impl 'fused' cannot be combined with gradient clipping"),
 ], ids=["unknown-class", "misspelled-option", "wrong-type", "negative-lr", "unknown-mode", "negative-width",
-        "unknown-subcommand", "missing-config"])
+        "unknown-subcommand", "missing-config", "fused-adam-with-clipping"])
 def test_bad_configuration_is_one_line(args, expected, capsys):
     assert expected in one_line_error(args, capsys)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trajrep.mine import mine, time_nmi
+from trajrep.mine import mine, mine_pairs, time_nmi
 
 
 @pytest.mark.parametrize("rho, dim", [(0.8, 2), (0.5, 4)])
@@ -21,6 +21,16 @@ def test_mine_finds_no_information_between_independent_variables():
     generator = torch.Generator().manual_seed(2)
     x, z = torch.randn(20000, 2, generator=generator), torch.randn(20000, 2, generator=generator)
     assert abs(mine(x, z, steps=1500)) < 0.05
+
+
+def test_stacked_pairs_get_the_estimates_they_would_get_alone():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2000, 2, generator=generator)
+    z = torch.tensor([0.0, 0.6, 0.95])[:, None, None] * x + 0.5 * torch.randn(3, 2000, 2, generator=generator)
+    stacked = mine_pairs(x, z, steps=150, lr=1e-3)
+    alone = torch.tensor([mine(x[pair], z[pair], steps=150, lr=1e-3) for pair in range(3)])
+    torch.testing.assert_close(stacked, alone, rtol=1e-4, atol=1e-4)
+    assert stacked[0] < stacked[1] < stacked[2]  # more correlation, more information: the pairs stayed apart
 
 
 @pytest.mark.slow

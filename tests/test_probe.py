@@ -205,3 +205,35 @@ def test_masking_ablation_finds_the_one_informative_time(tmp_path):
     assert masked["full"][0] > 0.9
     assert masked["drop"][0] < 0.7 and min(masked["drop"][1:]) > 0.85  # tokens 1, 2 and the CLS key
     assert masked["keep_only"][0] > 0.9 and max(masked["keep_only"][1:]) < 0.7
+
+
+def test_attention_and_masking_analyse_each_member_at_its_reported_epoch(tmp_path):
+    """Members whose best validation epoch is not the last are analysed with that epoch's weights: masking's
+    "nothing hidden" accuracy is then the test accuracy the records report."""
+    import lightning.pytorch as pl
+
+    from trajrep.data.representations import ProbeData
+
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(3, (n,), generator=generator)
+        x = torch.randn(n, 2, 4, generator=generator)
+        x[:, 0, 0] += labels - 1.0  # a weak signal: validation accuracy wanders between epochs
+        return x, labels
+
+    data = ProbeData.from_tensors({stage: split(256) for stage in ("train", "val", "test")}, times=[0.0, 1.0],
+                                  num_classes=[3], seeds=[0, 1], batch_size=32)
+    module = ProbeModule(kind="transformer", learning_rates=[3e-2, 1e-3], seeds=[0, 1], num_classes=[3],
+                         feature_dim=4, times=[0.0, 1.0], results_dir=str(tmp_path),
+                         head_kwargs={"d_model": 16, "ffn_dim": 32})
+    pl.Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=tmp_path).fit(module, datamodule=data)
+    (path,) = tmp_path.glob("transformer-*.json")
+    results = read_results(path)
+    records = results["records"]
+    assert results["context"]["attention_weights"] == "best_epoch"
+    assert module.heads is not module.best_heads  # the trained weights are back once the analysis is done
+    assert any(record["best_epoch"] < 4 for record in records)  # else the test shows nothing
+    for record in records:
+        assert record["masking"]["full"][0] == pytest.approx(record["test_acc"], abs=1e-6)

@@ -15,6 +15,7 @@ from trajrep.analysis import js_divergence_bits
 from trajrep.errors import TrajrepError
 from trajrep.report import COLUMNS, difference_interval
 from trajrep.reproduce import Reproduction, load_preset
+from trajrep.results import read_results
 
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
 
@@ -25,8 +26,9 @@ def test_every_preset_parses(path):
     assert preset.encoders and preset.seeds and set(preset.probes) <= set(COLUMNS)
 
 
-def test_a_misspelled_preset_key_is_named(tmp_path):
-    text = (REPO / "configs" / "presets" / "smoke.yaml").read_text().replace("probe_args:", "probe_argz:")
+@pytest.mark.parametrize("key", ["\nprobe_args:", "    probe_args:"], ids=["preset", "dataset"])
+def test_a_misspelled_preset_key_is_named(key, tmp_path):
+    text = (REPO / "configs" / "presets" / "smoke.yaml").read_text().replace(key, key.replace("args", "argz"))
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(TrajrepError, match="probe_argz"):
         load_preset(tmp_path / "bad.yaml")
@@ -67,6 +69,8 @@ def test_smoke_preset_goes_from_nothing_to_a_table(smoke_run):
     # Two pretraining seeds per trained row: the cells carry a spread and the differences an interval.
     row = next(line for line in table.splitlines() if "| reg-drl |" in line and "| shape |" in line)
     assert row.count("±") == len(COLUMNS) + 3
+    # The dataset's probe_args (2 epochs) come after the preset's (1 epoch).
+    assert {read_results(path)["context"]["epochs"] for path in (out / "probes").rglob("*.json")} == {2}
 
 
 @pytest.mark.slow
@@ -142,10 +146,16 @@ def test_js_divergence_is_in_bits():
 @pytest.mark.slow
 def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run):
     probes = smoke_run / "results" / "smoke" / "probes"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     done = subprocess.run([sys.executable, "-m", "trajrep.analysis", str(probes), "--mine-steps=200",
-                           "--mine-seeds", "0"], cwd=smoke_run, capture_output=True, text=True, timeout=600)
+                           "--mine-seeds", "0", "--wandb-project", "trajrep-smoke", "--wandb-dir", "wandb-analysis"],
+                          cwd=smoke_run, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = smoke_run / "results" / "smoke" / "analysis"
+    (run,) = (smoke_run / "wandb-analysis").rglob("offline-run-*")
+    for name in ("attention_per_task_table", "accuracy_over_t_table"):
+        assert list(run.rglob(f"{name}*.table.json")), name
+    assert len(list(run.rglob("*.png"))) == len(list(out.glob("*.png"))) == 6  # every figure as a W&B image
     for name in ("accuracy_over_t.json", "accuracy_over_t.png", "attention_per_task.json", "attention_per_task.png",
                  "task_divergence.json", "task_divergence.png", "masking.json", "masking.md", "masking.png",
                  "nmi.json", "nmi.png", "attention_per_class.json", "attention_per_class.png", "analysis.md"):

@@ -1,6 +1,6 @@
 """What each point of the trajectory knows, per task, from probe result files alone (SPEC §9).
 
-    python -m trajrep.analysis results/<preset>/probes [--out results/<preset>/analysis]
+    python -m trajrep.analysis results/<preset>/probes [--out results/<preset>/analysis] [--wandb-project P]
 
 For every encoder (a report row without its task):
 - accuracy over t per task: the single-t MLP's validation and test accuracy at every t (selected lr per t),
@@ -19,8 +19,9 @@ For every encoder (a report row without its task):
   -> nmi.json, nmi.png (11 x 11 for g = 10);
 - analysis.md: per task, the val-selected best t, the accuracy at the cleanest and noisiest t, and the t that
   receives the most attention.
-Attention and masking use the final weights of the Transformer grid whose (best-epoch) accuracy the report shows,
-at its selected learning rate.
+Attention and masking come from the very Transformer members whose accuracy the report shows: each at its best
+validation epoch, at the selected learning rate. With a W&B project, accuracy and attention over t per task are
+also logged as tables with line plots, and every figure as an image, in one run.
 """
 
 import argparse
@@ -32,10 +33,11 @@ import numpy as np
 import torch
 from scipy.spatial.distance import jensenshannon
 
+from trajrep.checks import ensure_wandb_ready
 from trajrep.data.cache import RepresentationCache
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.mine import time_nmi
-from trajrep.report import Collected, collect, encoder_label, mean_std, panels, plt, row_order
+from trajrep.report import Collected, collect, encoder_label, log_wandb_run, mean_std, panels, plt, row_order
 from trajrep.results import read_results
 from trajrep.timegrid import select_times
 
@@ -98,10 +100,12 @@ def masking_ablation(collected: Collected) -> dict[tuple, dict[str, dict]]:
     return found
 
 
-def nmi_between_times(results_dir: str | Path, steps: int, seeds: list[int], max_examples: int
+def nmi_between_times(results_dir: str | Path, seeds: list[int], max_examples: int, **mine_options
                       ) -> dict[tuple, dict]:
     """{encoder: {"times", "nmi" (T x T, mean over pretraining seeds), "seeds"}} from the test representations of
-    every cache that a single-t MLP grid read (its result file names the cache)."""
+    every cache that a single-t MLP grid read (its result file names the cache). MINE runs on a GPU if there is
+    one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     by_encoder: dict[tuple, dict] = defaultdict(lambda: {"nmi": []})
     for path in sorted(Path(results_dir).rglob("mlp-*.json")):
         context = read_results(path)["context"]
@@ -109,11 +113,11 @@ def nmi_between_times(results_dir: str | Path, steps: int, seeds: list[int], max
             continue
         cache = RepresentationCache(Path(context["config"]["data"]["cache_dir"]) / context["cache_key"])
         indices = select_times(cache.times, context["times"])
-        test = torch.from_numpy(cache.representations("test", indices)[:max_examples]).float()
+        test = torch.from_numpy(cache.representations("test", indices)[:max_examples]).float().to(device)
         encoder = (context.get("dataset"), encoder_label(context), context.get("latent_dim"),
                    context.get("pretrain_steps"), len(context["times"]) - 1)
         by_encoder[encoder]["times"] = context["times"]
-        by_encoder[encoder]["nmi"].append(time_nmi(test, seeds, steps=steps))
+        by_encoder[encoder]["nmi"].append(time_nmi(test, seeds, progress=True, **mine_options))
     return {encoder: {"times": entry["times"], "nmi": torch.stack(entry["nmi"]).mean(dim=0).tolist(),
                       "seeds": len(entry["nmi"])} for encoder, entry in by_encoder.items()}
 
@@ -242,10 +246,32 @@ def _keyed(by_encoder: dict) -> list[dict]:
                                                                              key=lambda item: row_order(item[0]))]
 
 
+def log_to_wandb(accuracy: dict, attention: dict, figures: list[Path], project: str, group: str,
+                 run_dir: Path) -> None:
+    """Accuracy and attention over t as W&B tables with line plots (one line per encoder and task) and the
+    figures as images, in one run."""
+    import wandb
+
+    logged = {}
+    for name, by_encoder, key, scale, title in (
+            ("accuracy_over_t", accuracy, "test_", 100, "MLP test accuracy (%) over t"),
+            ("attention_per_task", attention, "", 1, "Transformer CLS attention over t")):
+        table = wandb.Table(columns=["series", "t", "mean", "std"], data=[
+            [f"{_title(encoder)} / {task}", t, scale * mean, scale * std]
+            for encoder, tasks in sorted(by_encoder.items(), key=lambda item: row_order(item[0]))
+            for task, entry in sorted(tasks.items())
+            for t, mean, std in zip(entry["times"], entry[f"{key}mean"], entry[f"{key}std"])])
+        logged[f"{name}_table"] = table
+        logged[f"{name}_lines"] = wandb.plot.line(table, "t", "mean", stroke="series", title=title)
+    log_wandb_run(logged, figures, project, group, "analysis", run_dir)
+
+
 def analyse(results_dir: str | Path, out: str | Path, mine_steps: int = 4000, mine_seeds: list[int] = [0, 1],
-            mine_examples: int = 5000) -> Path:
+            mine_examples: int = 5000, wandb_project: str | None = None,
+            wandb_group: str | None = None, wandb_dir: str | Path = "runs") -> Path:
     """Write every analysis file for the result files under `results_dir` into `out` (the NMI heat maps only
-    with mine_steps > 0: 4,000 MINE steps per pair of times take minutes per encoder on a CPU)."""
+    with mine_steps > 0: 4,000 MINE steps for every pair of times take about 15 minutes per cache and seed on 2
+    CPU cores)."""
     collected = collect(results_dir)
     accuracy, attention = accuracy_over_t(collected), attention_per_task(collected)
     if not accuracy:
@@ -257,20 +283,28 @@ def analyse(results_dir: str | Path, out: str | Path, mine_steps: int = 4000, mi
     for name, value in (("accuracy_over_t", accuracy), ("attention_per_task", attention),
                         ("attention_per_class", per_class), ("task_divergence", divergence), ("masking", masking)):
         (out / f"{name}.json").write_text(json.dumps(_keyed(value), indent=1, allow_nan=False))
-    plot_per_task(accuracy, out / "accuracy_over_t.png", "test_", "MLP test accuracy (%)", scale=100)
+    written: list[Path] = []  # this run's figures (not older ones in `out`), for W&B
+
+    def figure(name: str) -> Path:
+        written.append(out / f"{name}.png")
+        return written[-1]
+
+    plot_per_task(accuracy, figure("accuracy_over_t"), "test_", "MLP test accuracy (%)", scale=100)
     if attention:
-        plot_per_task(attention, out / "attention_per_task.png", "", "CLS attention (share of time tokens)")
-        plot_heat_maps(divergence, out / "task_divergence.png", "tasks", "bits", "JS divergence (bits)")
+        plot_per_task(attention, figure("attention_per_task"), "", "CLS attention (share of time tokens)")
+        plot_heat_maps(divergence, figure("task_divergence"), "tasks", "bits", "JS divergence (bits)")
     if per_class:
-        plot_attention_per_class(per_class, out / "attention_per_class.png")
+        plot_attention_per_class(per_class, figure("attention_per_class"))
     if masking:
-        plot_masking(masking, out / "masking.png")
+        plot_masking(masking, figure("masking"))
         (out / "masking.md").write_text(masking_markdown(masking))
     if mine_steps > 0:
-        nmi = nmi_between_times(results_dir, mine_steps, mine_seeds, mine_examples)
+        nmi = nmi_between_times(results_dir, mine_seeds, mine_examples, steps=mine_steps)
         (out / "nmi.json").write_text(json.dumps(_keyed(nmi), indent=1, allow_nan=False))
-        plot_heat_maps(nmi, out / "nmi.png", "times", "nmi", "NMI")
+        plot_heat_maps(nmi, figure("nmi"), "times", "nmi", "NMI")
     (out / "analysis.md").write_text(summary_markdown(accuracy, attention))
+    if wandb_project:
+        log_to_wandb(accuracy, attention, written, wandb_project, wandb_group or out.parent.name, Path(wandb_dir))
     return out
 
 
@@ -281,10 +315,16 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--mine-steps", type=int, default=4000, help="MINE steps per pair of times (0: no NMI)")
     parser.add_argument("--mine-seeds", type=int, nargs="+", default=[0, 1], help="MINE estimator seeds")
     parser.add_argument("--mine-examples", type=int, default=5000, help="test examples given to MINE")
+    parser.add_argument("--wandb-project", default=None, help="also log tables, line plots and figures to W&B")
+    parser.add_argument("--wandb-group", default=None, help="W&B group (default: the preset, out's parent folder)")
+    parser.add_argument("--wandb-dir", default="runs", help="where the W&B run folder goes (not under results/)")
     options = parser.parse_args(args)
     with errors_as_one_line():
+        if options.wandb_project:
+            ensure_wandb_ready()
         out = analyse(options.results_dir, options.out or Path(options.results_dir).parent / "analysis",
-                      options.mine_steps, options.mine_seeds, options.mine_examples)
+                      options.mine_steps, options.mine_seeds, options.mine_examples,
+                      options.wandb_project, options.wandb_group, options.wandb_dir)
     print(out / "analysis.md")
 
 

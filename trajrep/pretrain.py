@@ -165,6 +165,12 @@ class PretrainModule(pl.LightningModule):
             torch.cuda.set_rng_state(state["cuda"])
 
     def configure_optimizers(self):
+        clip, precision = self.trainer.gradient_clip_val, str(self.trainer.precision)
+        if self.hparams.adam_impl == "fused" and clip and precision.endswith("-mixed"):
+            raise TrajrepError(f"adam_impl 'fused' cannot be combined with gradient clipping (gradient_clip_val "
+                               f"{clip}) under precision {precision}: the fused kernel unscales gradients itself, "
+                               f"so Lightning cannot clip them; use --model.init_args.adam_impl=foreach, or "
+                               f"--trainer.gradient_clip_val=null")
         impl = {None: {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), eps=1e-8,
                                      **impl[self.hparams.adam_impl])

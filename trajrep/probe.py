@@ -6,8 +6,10 @@ validation and the test split; at the end the protocol of SPEC §7 selects on va
 the results are written as JSON records (trajrep.results).
 """
 
+import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -56,8 +58,9 @@ class ProbeModule(pl.LightningModule):
     in the CPU's cache for the backward pass. On a GPU, where one large kernel is best, set member_chunk to the
     grid size. With `export_attention`, the attention heads' records also carry each member's mean CLS attention
     over the time tokens on the test split (overall and per class) and its masking ablation (extra test passes
-    at the end). `encoder_name` names the pretraining variant
-    in the results (a preset's encoder name), so that two variants of one mode and width stay apart in tables.
+    at the end), both with the member's weights at its best validation epoch, the epoch its accuracy comes from.
+    `encoder_name` names the pretraining variant in the results (a preset's encoder name), so that two variants of
+    one mode and width stay apart in tables.
     """
 
     def __init__(
@@ -97,6 +100,11 @@ class ProbeModule(pl.LightningModule):
             raise TrajrepError(f"member_chunk must be >= 1 (members trained together), got {chunk}")
         self.chunks = [slice(start, start + chunk) for start in range(0, len(self.members), chunk)]
         self.heads = torch.nn.ModuleList(self._build_head(self.members[part]) for part in self.chunks)
+        if self.exports_attention:
+            # Each member's weights at its best validation epoch (in the state dict, so checkpoints carry them):
+            # attention and masking analyse the very model whose accuracy the records report.
+            self.best_heads = copy.deepcopy(self.heads).requires_grad_(False)
+            self.register_buffer("best_val", torch.full((len(self.members),), -1.0))
         self.register_buffer("times", torch.tensor(times, dtype=torch.float32), persistent=False)
         self.register_buffer("member_task", torch.tensor([m["task"] for m in self.members]), persistent=False)
         self.register_buffer("member_seed_row", torch.tensor([seeds.index(m["seed"]) for m in self.members]),
@@ -110,6 +118,10 @@ class ProbeModule(pl.LightningModule):
         self.val_history: list[list[float]] = []
         self.test_history: list[list[float]] = []
         self._subset_generator = torch.Generator().manual_seed(seeds[0])
+
+    @property
+    def exports_attention(self) -> bool:
+        return self.hparams.kind in ATTENTION_HEADS and self.hparams.export_attention
 
     def _build_head(self, members: list[dict]) -> torch.nn.Module:
         extra = {"time_index": [m["time_index"] for m in members]} if self.hparams.kind == "mlp" else {}
@@ -195,6 +207,28 @@ class ProbeModule(pl.LightningModule):
         self.val_history.append(val.reshape(-1).tolist())
         self.test_history.append(test.reshape(-1).tolist())
         self.log_dict({"val/acc_best_member": val.max(), "val/acc_mean": val.mean()}, prog_bar=True)
+        if self.exports_attention:
+            self._keep_improved_members(val.reshape(-1))
+
+    @torch.no_grad()
+    def _keep_improved_members(self, val: torch.Tensor) -> None:
+        """Copy the weights of members whose validation accuracy beat their best so far (strictly: the first best
+        epoch, as in model selection) into `best_heads`."""
+        improved = val.to(self.best_val.device) > self.best_val
+        self.best_val = torch.where(improved, val.to(self.best_val.device), self.best_val)
+        for head, best, part in zip(self.heads, self.best_heads, self.chunks):
+            rows = improved[part]
+            for weights, kept in zip(head.parameters(), best.parameters()):
+                kept[rows] = weights[rows]
+
+    @contextmanager
+    def _best_epoch_weights(self) -> Iterator[None]:
+        """Run the heads with each member's best-epoch weights inside the block; the trained ones come back after."""
+        trained, self.heads = self.heads, self.best_heads
+        try:
+            yield
+        finally:
+            self.heads = trained
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["probe_history"] = {"val": self.val_history, "test": self.test_history}
@@ -222,8 +256,8 @@ class ProbeModule(pl.LightningModule):
 
     @torch.no_grad()
     def mean_test_attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each member's CLS attention over the time tokens (CLS key last), averaged over heads, with the weights
-        at the end of training: over all test examples (G, T + 1), per class of its task (G, C, T + 1), and the
+        """Each member's CLS attention over the time tokens (CLS key last), averaged over heads, with the current
+        weights: over all test examples (G, T + 1), per class of its task (G, C, T + 1), and the
         number of test examples per class (G, C)."""
         was_training, total, count = self.training, 0.0, 0
         per_class, class_count = 0.0, 0.0
@@ -239,7 +273,7 @@ class ProbeModule(pl.LightningModule):
 
     @torch.no_grad()
     def masked_test_accuracy(self) -> dict[str, torch.Tensor]:
-        """The masking ablation (SPEC §9) on the test split, with the weights at the end of training: "full" (G, 1),
+        """The masking ablation (SPEC §9) on the test split, with the current weights: "full" (G, 1),
         accuracy with nothing hidden; "drop" (G, T + 1), with one key hidden from attention (time token i, or the
         CLS key last);
         "keep_only" (G, T), accuracy when time token i is the only time token left (the CLS key stays)."""
@@ -267,9 +301,10 @@ class ProbeModule(pl.LightningModule):
         if not self.trainer.is_global_zero:
             return
         records = self.member_records()
-        if self.hparams.kind in ATTENTION_HEADS and self.hparams.export_attention:
-            masked = {name: values.tolist() for name, values in self.masked_test_accuracy().items()}
-            attention, per_class, class_count = (v.tolist() for v in self.mean_test_attention())
+        if self.exports_attention:
+            with self._best_epoch_weights():
+                masked = {name: values.tolist() for name, values in self.masked_test_accuracy().items()}
+                attention, per_class, class_count = (v.tolist() for v in self.mean_test_attention())
             for g, record in enumerate(records):
                 record["attention"] = attention[g]
                 record["attention_per_class"] = [weights if n > 0 else None  # a class absent from the test split
@@ -282,6 +317,7 @@ class ProbeModule(pl.LightningModule):
             "encoder_name": self.hparams.encoder_name,
             "times": self.hparams.times,
             "epochs": len(self.val_history),
+            **({"attention_weights": "best_epoch"} if self.exports_attention else {}),
             "config": {"model": dict(self.hparams), "data": dict(getattr(datamodule, "hparams", {}))},
         }
         path = write_results(self.hparams.results_dir, records, summarise(records), context)

@@ -238,25 +238,33 @@ def plot_attention_over_t(collected: Collected, path: Path) -> None:
     plt.close(figure)
 
 
+def log_wandb_run(logged: dict, figures: list[Path], project: str, group: str, job_type: str,
+                  run_dir: Path) -> None:
+    """One W&B run named `job_type`-`group`: the `logged` tables and plots, and the `figures` as images."""
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, group=group, job_type=job_type, dir=str(run_dir), name=f"{job_type}-{group}")
+    run.log({**logged, **{path.stem: wandb.Image(str(path)) for path in figures}})
+    run.finish()
+
+
 def log_to_wandb(rows: list[dict], collected: Collected, out: Path, project: str, group: str,
                  run_dir: Path) -> None:
     """The results table and the accuracy-vs-t line plot as W&B tables, the figures as images (one run)."""
     import wandb
 
     header, body = _text_table(rows)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, group=group, job_type="report", dir=str(run_dir), name=f"report-{group}")
     points = wandb.Table(columns=["row", "t", "test_acc"], data=[
         [" / ".join(map(str, row)), t, 100 * float(np.mean(list(values.values())))]
         for row, by_time in collected.per_time.items() for t, values in sorted(by_time.items())])
-    run.log({
+    logged = {
         "results_table": wandb.Table(columns=header, data=body),
         "accuracy_vs_t_table": points,
         "accuracy_vs_t": wandb.plot.line(points, "t", "test_acc", stroke="row", title="MLP test accuracy over t"),
-        **{name: wandb.Image(str(out / f"{name}.png")) for name in ("accuracy_vs_t", "attention_over_t")
-           if (out / f"{name}.png").exists()},
-    })
-    run.finish()
+    }
+    figures = [out / f"{name}.png" for name in ("accuracy_vs_t", "attention_over_t") if (out / f"{name}.png").exists()]
+    log_wandb_run(logged, figures, project, group, "report", run_dir)
 
 
 def report(results_dir: str | Path, out: str | Path | None = None, wandb_project: str | None = None,

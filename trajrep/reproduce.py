@@ -26,7 +26,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from trajrep.checks import ensure_wandb_ready, ensure_writable
-from trajrep.cli import build_cli, main as cli_main
+from trajrep.cli import build_cli, main as cli_main, summarise_parser_error
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.report import report
 from trajrep.results import read_results
@@ -54,13 +54,15 @@ class Encoder:
 @dataclass
 class Dataset:
     """One dataset of a preset: a name for its runs, the pretraining config, and the images its probes read (an
-    image datamodule class and its arguments)."""
+    image datamodule class and its arguments). Its `pretrain_args` and `probe_args` follow the preset's own (e.g.
+    more probe epochs for a small set)."""
 
     name: str
     pretrain_config: str
     images: str
     images_args: dict = field(default_factory=dict)
     pretrain_args: list[str] = field(default_factory=list)
+    probe_args: list[str] = field(default_factory=list)
 
     @property
     def images_config(self) -> dict:
@@ -92,7 +94,7 @@ def load_preset(path: str | Path) -> Preset:
     try:
         config = parser.parse_object({"preset": _read_yaml(path)})
     except Exception as error:  # jsonargparse reports which key is wrong
-        raise TrajrepError(f"preset {path} is not valid: {str(error).splitlines()[0]}") from None
+        raise TrajrepError(f"preset {path} is not valid: {summarise_parser_error(str(error))}") from None
     return parser.instantiate_classes(config).preset
 
 
@@ -199,16 +201,17 @@ class Reproduction:
                 path.unlink()
         return False
 
-    def probe(self, run: str, kind: str, images: dict, data: list[str], encoder: str | None = None) -> None:
+    def probe(self, run: str, kind: str, dataset: Dataset, data: list[str], encoder: str | None = None) -> None:
         """One probe kind's grid on one run's representations (or pixels), unless its results exist."""
         folder = self.results / "probes" / run
         if self._probe_done(folder, kind):
             return
         run_dir = self.runs / "probe" / run / kind
         name = [f"--model.encoder_name={encoder}"] if encoder else []
-        self._fit(["--config", str(CONFIGS / "probe" / f"{kind}.yaml"), *data, f"--data.images={json.dumps(images)}",
-                   f"--model.results_dir={folder}", f"--trainer.default_root_dir={run_dir}", *name,
-                   *self.preset.probe_args, *self.preset.probe_kind_args.get(kind, []),
+        self._fit(["--config", str(CONFIGS / "probe" / f"{kind}.yaml"), *data,
+                   f"--data.images={json.dumps(dataset.images_config)}", f"--model.results_dir={folder}",
+                   f"--trainer.default_root_dir={run_dir}", *name, *self.preset.probe_args, *dataset.probe_args,
+                   *self.preset.probe_kind_args.get(kind, []),
                    *self._logger_args(run.replace("/", "-"), kind, run_dir)])
 
     def _representation_data(self, checkpoint: Path, grid: int) -> list[str]:
@@ -227,9 +230,9 @@ class Reproduction:
             for (encoder, run), checkpoint in checkpoints.items():
                 for grid in self.preset.grids:
                     for kind in self.preset.probes:
-                        self.probe(f"{run}/g{grid}", kind, dataset.images_config,
+                        self.probe(f"{run}/g{grid}", kind, dataset,
                                    self._representation_data(checkpoint, grid), encoder)
-            self.probe(f"{dataset.name}-pixels", "mlp", dataset.images_config, ["--data=PixelProbeData"])
+            self.probe(f"{dataset.name}-pixels", "mlp", dataset, ["--data=PixelProbeData"])
         return report(self.results / "probes", self.results, self.preset.wandb_project, self.name,
                       wandb_dir=self.runs)
 
