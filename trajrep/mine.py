@@ -63,8 +63,9 @@ def mine_pairs(xs: Tensor, zs: Tensor, steps: int = 4000, batch_size: int = 256,
     for _ in tqdm(range(steps), desc=f"MINE ({pairs} pairs)", disable=not progress, leave=False):
         rows = torch.randint(examples, (batch_size,), generator=generator).to(xs.device)
         others = torch.randint(examples, (batch_size,), generator=generator).to(xs.device)
-        joint = networks(torch.cat([xs[:, rows], zs[:, rows]], dim=2)).mean(dim=1)
-        marginal = networks(torch.cat([xs[:, rows], zs[:, others]], dim=2))
+        x_rows = xs[:, rows]
+        joint = networks(torch.cat([x_rows, zs[:, rows]], dim=2)).mean(dim=1)
+        marginal = networks(torch.cat([x_rows, zs[:, others]], dim=2))
         mean_exp = marginal.exp().mean(dim=1)
         moving_exp = mean_exp.detach() if moving_exp is None else (
             ema_decay * moving_exp + (1 - ema_decay) * mean_exp.detach())
