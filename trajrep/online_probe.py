@@ -1,0 +1,199 @@
+"""OnlineProbe: while pretraining runs, how well a linear probe reads E(x0, t) at a few t, logged every N steps.
+
+A day-long run shows early whether the encoder learns (held-out accuracy per t), whether t matters (linear CKA
+between the first and last t) and whether the features still tell images apart (the between-image fraction of
+their variance; a broken encoder gives nearly constant features, a fraction near 0).
+"""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import default_collate
+
+from trajrep.data.base import ImageDataModule
+from trajrep.data.representations import standardise
+from trajrep.errors import TrajrepError
+from trajrep.extract import PASS_SIZE, Extractor
+from trajrep.pretrain import PretrainModule
+from trajrep.similarity import linear_cka
+
+DEFAULT_TIMES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def ridge_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                         num_classes: int, ridge: float = 1e-3) -> torch.Tensor:
+    """Held-out accuracy of closed-form ridge regression onto one-hot labels, per leading index of the features.
+
+    `train_x` (..., N, d) and `test_x` (..., M, d) are standardised with the train statistics; the intercept is the
+    class frequency and `ridge` is relative to the (unit) feature variance. Solved in float64: cheap (a d x d
+    system per leading index) and deterministic, so two runs of the same weights log the same number.
+    """
+    train_x, test_x = standardise(train_x.double(), test_x.double(), dim=-2)
+    targets = F.one_hot(train_y, num_classes).double()
+    prior = targets.mean(dim=0)
+    n, d = train_x.shape[-2:]
+    gram = train_x.mT @ train_x / n + ridge * torch.eye(d, dtype=torch.float64, device=train_x.device)
+    weights = torch.linalg.solve(gram, train_x.mT @ (targets - prior) / n)
+    predicted = (test_x @ weights + prior).argmax(dim=-1)
+    return (predicted == test_y).double().mean(dim=-1)
+
+
+def between_image_fraction(features: torch.Tensor) -> torch.Tensor:
+    """Share of the features' second moment that varies between images, per leading index of (..., N, d):
+    sum_j Var_n f_nj / sum_j E_n f_nj^2. 1 for centred features, 0 for features that are the same for every image."""
+    features = features.double()
+    variance = features.var(dim=-2, unbiased=False).sum(dim=-1)
+    second_moment = features.pow(2).mean(dim=-2).sum(dim=-1)
+    return variance / second_moment.clamp_min(1e-300)
+
+
+def time_name(t: float) -> str:
+    """t as it appears in metric names: t0, t0.25, t1."""
+    return f"t{t:g}"
+
+
+def probe_metrics(features: torch.Tensor, labels: torch.Tensor, num_train: int, times: tuple[float, ...],
+                  num_classes: int, ridge: float) -> dict[str, float]:
+    """The logged numbers from features (N, T, d) of the probe subset, whose first `num_train` rows train the
+    probe and the rest are held out."""
+    per_time = features.transpose(0, 1)  # (T, N, d)
+    accuracy = ridge_probe_accuracy(per_time[:, :num_train], labels[:num_train], per_time[:, num_train:],
+                                    labels[num_train:], num_classes, ridge)
+    fraction = between_image_fraction(per_time)
+    cka = linear_cka(features[:, [0, -1]], max_examples=len(features))[0, 1]
+    return {
+        **{f"online/acc_{time_name(t)}": float(a) for t, a in zip(times, accuracy)},
+        f"online/cka_{time_name(times[0])}_{time_name(times[-1])}": float(cka),
+        "online/between_image_fraction": float(fraction.mean()),
+        **{f"online/between_image_fraction_{time_name(t)}": float(f) for t, f in zip(times, fraction)},
+    }
+
+
+def subset_sizes(available: int, num_train: int, num_heldout: int) -> tuple[int, int]:
+    """(train, held-out) sizes, shrunk in proportion when the training split has fewer images than asked for."""
+    if available >= num_train + num_heldout:
+        return num_train, num_heldout
+    if available < 2:
+        raise TrajrepError(f"OnlineProbe needs at least 2 training images, the training split has {available}")
+    heldout = min(max(1, round(available * num_heldout / (num_train + num_heldout))), available - 1)
+    return available - heldout, heldout
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm reads, and does not update, its running statistics), then the previous mode again."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class OnlineProbe(pl.Callback):
+    """Every `every_n_steps` optimizer steps, and at the last step (`at_end`, when the run stops at max_steps),
+    fits a linear probe per t on a fixed labelled subset of the training split and logs to the Trainer's loggers:
+
+    - `online/acc_t{t}`: held-out accuracy of a closed-form ridge probe on standardised E(x, t), per t;
+    - `online/cka_t{first}_t{last}`: linear CKA between E(x, first t) and E(x, last t);
+    - `online/between_image_fraction` (mean over t) and `online/between_image_fraction_t{t}`;
+    - `online/seconds`: what the probe cost, also printed with the numbers on one line.
+
+    The subset is `num_train` + `num_heldout` images of a permutation of the training split drawn from `seed` (the
+    same images in every run and after a resume), shrunk in proportion for smaller splits; labels are those of
+    task `task` (a column of multi-task labels). The encoder is the live (raw) one, in eval mode, as `trajrep
+    extract` reads it by default (not the EMA weights, which the EMA callback swaps in for validation only), under
+    the Trainer's precision (as its steps and extraction run), with features in float32 and the ridge in float64.
+    It draws nothing from the training RNG stream, so resumed runs stay exact. Under DDP only rank 0 probes and
+    logs, with no collective call inside (nothing can hang; the other ranks wait for it at the next gradient
+    all-reduce). `every_n_steps: 0` turns the periodic probe off; `probe(trainer, module)` runs it on demand.
+    """
+
+    def __init__(self, every_n_steps: int = 500, times: tuple[float, ...] = DEFAULT_TIMES, num_train: int = 5000,
+                 num_heldout: int = 1000, task: int = 0, ridge: float = 1e-3, seed: int = 0,
+                 pass_size: int = PASS_SIZE, at_end: bool = True) -> None:
+        if every_n_steps < 0:
+            raise TrajrepError(f"OnlineProbe every_n_steps must be >= 0 (0: only at the end), got {every_n_steps}")
+        if not times or any(not 0 <= t <= 1 for t in times):
+            raise TrajrepError(f"OnlineProbe times must be a non-empty list of t in [0, 1], got {list(times)}")
+        if num_train < 1 or num_heldout < 1:
+            raise TrajrepError(f"OnlineProbe needs num_train >= 1 and num_heldout >= 1, got {num_train} and "
+                               f"{num_heldout}")
+        if ridge <= 0 or pass_size < 1:
+            raise TrajrepError(f"OnlineProbe needs ridge > 0 and pass_size >= 1, got {ridge} and {pass_size}")
+        self.every_n_steps, self.times, self.at_end = every_n_steps, tuple(float(t) for t in times), at_end
+        self.num_train, self.num_heldout, self.task = num_train, num_heldout, task
+        self.ridge, self.seed, self.pass_size = ridge, seed, pass_size
+        self._images = self._labels = self._extractor = self._split = None
+        self._last_step: int | None = None
+
+    def _take_subset(self, datamodule: ImageDataModule, device: torch.device) -> None:
+        """The probe's uint8 images and labels on `device`, train part first; only these images are read."""
+        if not 0 <= self.task < len(datamodule.num_classes):
+            raise TrajrepError(f"OnlineProbe task {self.task} does not exist: {type(datamodule).__name__} has "
+                               f"{len(datamodule.num_classes)} task(s) {datamodule.task_names}")
+        dataset = datamodule.dataset("train")
+        self._split = subset_sizes(len(dataset), self.num_train, self.num_heldout)
+        if self._split != (self.num_train, self.num_heldout):
+            rank_zero_info(f"OnlineProbe: the training split has {len(dataset)} images, so the probe uses "
+                           f"{self._split[0]} to train and {self._split[1]} held out")
+        generator = torch.Generator().manual_seed(self.seed)
+        indices = torch.randperm(len(dataset), generator=generator)[:sum(self._split)]
+        with torch.random.fork_rng(devices=[]):  # a dataset could draw when indexed
+            images, labels = default_collate([dataset[i] for i in indices.tolist()])
+        labels = labels[:, self.task] if labels.dim() == 2 else labels
+        self._images, self._labels = images.to(device), labels.long().to(device)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if not isinstance(pl_module, PretrainModule) or not isinstance(trainer.datamodule, ImageDataModule):
+            raise TrajrepError("OnlineProbe needs a pretraining run: a PretrainModule and an image datamodule")
+        self._take_subset(trainer.datamodule, pl_module.device)
+        self._extractor = Extractor(pl_module, list(self.times), self.pass_size).to(pl_module.device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step  # a resumed run's first step was probed (or skipped) before
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        # The last step is probed here rather than in on_train_end, where EMA has already put its weights in.
+        last = self.at_end and step == trainer.max_steps
+        if trainer.is_global_zero and (periodic or last) and step != self._last_step:
+            self.probe(trainer, pl_module)
+
+    def _encode(self, trainer: pl.Trainer, datamodule: ImageDataModule) -> torch.Tensor:
+        """(N, T, d) float32 features of the subset, in chunks of `pass_size` images."""
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            return torch.cat([self._extractor(datamodule.normalize(chunk)).float()
+                              for chunk in self._images.split(self.pass_size)])
+
+    def probe(self, trainer: pl.Trainer, pl_module: PretrainModule) -> dict[str, float]:
+        """Run the probe on the current encoder now, log its numbers at the current step and return them."""
+        start = time.perf_counter()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), evaluating(pl_module.encoder):
+            features = self._encode(trainer, trainer.datamodule)
+        num_classes = trainer.datamodule.num_classes[self.task]
+        metrics = probe_metrics(features, self._labels, self._split[0], self.times, num_classes, self.ridge)
+        metrics["online/seconds"] = time.perf_counter() - start
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._last_step = trainer.global_step
+        rank_zero_info(self._summary(trainer.global_step, metrics))
+        return metrics
+
+    def _summary(self, step: int, metrics: dict[str, float]) -> str:
+        accuracy = ", ".join(f"t={t:g} {100 * metrics[f'online/acc_{time_name(t)}']:.1f} %" for t in self.times)
+        cka_key = f"online/cka_{time_name(self.times[0])}_{time_name(self.times[-1])}"
+        return (f"online probe at step {step}: held-out accuracy {accuracy}; CKA(t={self.times[0]:g}, "
+                f"t={self.times[-1]:g}) {metrics[cka_key]:.3f}; between-image fraction "
+                f"{metrics['online/between_image_fraction']:.3g}; {metrics['online/seconds']:.1f} s")
