@@ -152,7 +152,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_datamodule_sizes_known_at_init_and_cache_built_on_first_use(tiny_checkpoint, tmp_path):
     data = RepresentationDataModule(str(tiny_checkpoint), SyntheticShapes(num_train=64, num_test=48),
                                     granularities=[4], probe_times=[0.25, 0.75], cache_dir=str(tmp_path),
-                                    extract_batch_size=32, val_fraction=0.25)
+                                    extract_batch_size=32, val_fraction=0.25, standardize=False)
     assert (data.feature_dim, data.num_times, data.num_classes) == (8, 2, [9, 9, 16, 5])
     assert not data.cache_path.exists()
     data.prepare_data()
@@ -162,11 +162,11 @@ def test_datamodule_sizes_known_at_init_and_cache_built_on_first_use(tiny_checkp
     assert train_x.shape == (48, 2, 8) and val_x.shape == (16, 2, 8) and test_x.shape == (48, 2, 8)
     assert train_y.shape == (48, 4) and test_y.shape == (48, 4)
     full = RepresentationCache(data.cache_path).representations("test", [1, 3])
-    np.testing.assert_array_equal(test_x.numpy(), full)
+    np.testing.assert_array_equal(test_x.numpy(), full)  # raw representations: standardize is off
     # The split is fixed by split_seed: a second datamodule sees the same validation rows.
     again = RepresentationDataModule(str(tiny_checkpoint), SyntheticShapes(num_train=64, num_test=48),
                                      granularities=[4], probe_times=[0.25, 0.75], cache_dir=str(tmp_path),
-                                     val_fraction=0.25)
+                                     val_fraction=0.25, standardize=False)
     assert torch.equal(again.tensors("val")[0], val_x)
 
 

@@ -45,7 +45,7 @@ def test_every_head_runs_from_its_config_and_writes_records(kind, tiny_checkpoin
     (path,) = (tmp_path / "results").glob(f"{kind}-*.json")
     results = read_results(path)
     tasks, lrs, seeds, times = 4, 2, 2, 3
-    assert len(results["records"]) == tasks * lrs * seeds * (times if kind == "mlp" else 1)
+    assert len(results["records"]) == tasks * lrs * seeds * (times if kind in ("mlp", "linear") else 1)
     record = results["records"][0]
     for field in ("dataset", "encoder_mode", "pretrain_seed", "probe", "times", "lr", "seed", "best_epoch",
                   "val_acc", "test_acc", "cache_key", "git_revision"):
@@ -53,7 +53,7 @@ def test_every_head_runs_from_its_config_and_writes_records(kind, tiny_checkpoin
     assert record["dataset"] == "SyntheticShapes" and record["encoder_mode"] == "reg-drl"
     assert record["pretrain_seed"] == 0
     assert set(results["summary"]) == {"background", "foreground", "location", "shape"}
-    if kind == "mlp":
+    if kind in ("mlp", "linear"):
         assert [entry["time"] for entry in results["summary"]["shape"]["per_time"]] == [0.0, 0.5, 1.0]
     assert results["context"]["config"]["model"]["kind"] == kind
 
@@ -195,7 +195,7 @@ def test_masking_ablation_finds_the_one_informative_time(tmp_path):
         return x, labels
 
     data = ProbeData.from_tensors({stage: split(512) for stage in ("train", "val", "test")}, times=[0.0, 0.5, 1.0],
-                                  num_classes=[2], seeds=[0], batch_size=64)
+                                  num_classes=[2], seeds=[0], batch_size=64, standardize=False)
     module = ProbeModule(kind="transformer", learning_rates=[1e-3], seeds=[0], num_classes=[2], feature_dim=4,
                          times=[0.0, 0.5, 1.0], results_dir=str(tmp_path),
                          head_kwargs={"d_model": 16, "ffn_dim": 32, "dropout": 0.0})

@@ -294,7 +294,7 @@ def test_clipping_is_per_member():
 @pytest.mark.parametrize("kind", sorted(HEADS))
 def test_every_head_gives_multitask_logits_per_member(kind):
     num_classes = [3, 1, 2]  # two softmax tasks and one binary attribute
-    extra = dict(time_index=[0, 2]) if kind == "mlp" else {}
+    extra = dict(time_index=[0, 2]) if kind in ("mlp", "linear") else {}
     if kind in ("transformer", "continuous"):
         extra.update(d_model=16, ffn_dim=24)
     head = build_head(kind, num_members=2, feature_dim=D_IN, num_times=T, num_classes=num_classes,

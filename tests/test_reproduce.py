@@ -13,8 +13,8 @@ from scipy import stats
 from conftest import REPO, kill_when
 from trajrep.analysis import js_divergence_bits
 from trajrep.errors import TrajrepError
-from trajrep.report import COLUMNS, difference_interval
-from trajrep.reproduce import Reproduction, load_preset
+from trajrep.report import COLUMNS, DIFFERENCES, difference_interval
+from trajrep.reproduce import Encoder, Reproduction, load_preset
 from trajrep.results import read_results
 
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
@@ -31,6 +31,13 @@ def test_a_misspelled_preset_key_is_named(key, tmp_path):
     text = (REPO / "configs" / "presets" / "smoke.yaml").read_text().replace(key, key.replace("args", "argz"))
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(TrajrepError, match="probe_argz"):
+        load_preset(tmp_path / "bad.yaml")
+
+
+def test_replicated_controls_without_the_mlp_probe_fail_before_any_stage(tmp_path):
+    text = (REPO / "configs" / "presets" / "smoke.yaml").read_text() + "probes: [linear, transformer]\n"
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(TrajrepError, match="add mlp to probes"):
         load_preset(tmp_path / "bad.yaml")
 
 
@@ -68,16 +75,26 @@ def test_smoke_preset_goes_from_nothing_to_a_table(smoke_run):
         assert (out / name).stat().st_size > 0, name
     # Two pretraining seeds per trained row: the cells carry a spread and the differences an interval.
     row = next(line for line in table.splitlines() if "| reg-drl |" in line and "| shape |" in line)
-    assert row.count("±") == len(COLUMNS) + 3
-    # The dataset's probe_args (2 epochs) come after the preset's (1 epoch).
-    assert {read_results(path)["context"]["epochs"] for path in (out / "probes").rglob("*.json")} == {2}
+    assert row.count("±") == len(COLUMNS) + len(DIFFERENCES)
+    # The dataset's probe_args (2 epochs) come after the preset's (1 epoch); the kNN probe has no epochs.
+    epochs = {path.name.split("-")[0]: read_results(path)["context"]["epochs"]
+              for path in (out / "probes").rglob("*.json")}
+    assert epochs.pop("knn") is None and set(epochs.values()) == {2}
+    # The replicated controls read the MLP's validation-selected best t.
+    replicated = sorted((out / "probes").rglob("replicated/*.json"))
+    assert len(replicated) == 2 * 3  # transformer and concat on 2 seeds and the untrained encoder
+    for path in replicated:
+        mlp = next(path.parent.parent.glob("mlp-*.json"))
+        best = next(iter(read_results(mlp)["summary"].values()))["time"]
+        assert read_results(path)["context"]["replicated_time"] == best
 
 
 @pytest.mark.slow
 def test_smoke_preset_logs_the_tables_to_an_offline_wandb_run(smoke_run):
     runs = list((smoke_run / "runs" / "smoke").rglob("offline-run-*"))
-    # One W&B run per stage: 2 pretraining runs, 7 probe kinds on 3 encoders (2 seeds, untrained), pixels, report.
-    assert len(runs) == 2 + 7 * 3 + 1 + 1
+    # One W&B run per stage: 2 pretraining runs, 9 probe kinds and 2 replicated controls on 3 encoders (2 seeds,
+    # untrained), 3 single-t probes on pixels, the report.
+    assert len(runs) == 2 + (9 + 2) * 3 + 3 + 1
     (report_run,) = [run for run in runs if list(run.rglob("results_table*.table.json"))]
     assert list(report_run.rglob("accuracy_vs_t_table*.table.json"))
 
@@ -116,7 +133,9 @@ def test_killed_preset_keeps_finished_records_and_ends_with_the_same_table(smoke
 def test_a_variant_can_be_probed_at_intermediate_steps_with_its_own_seeds(tmp_path, monkeypatch):
     preset = load_preset(REPO / "configs" / "presets" / "cpu.yaml")
     reproduction = Reproduction(preset, "cpu", tmp_path / "runs", tmp_path / "results")
-    dataset, long = preset.datasets[0], next(e for e in preset.encoders if e.probe_steps)
+    dataset = preset.datasets[0]
+    long = Encoder(name="reg-d8-long", args=["--trainer.max_steps=1200"], seeds=[2], probe_steps=[400, 800],
+                   untrained=False)
 
     def fake_pretrain(dataset, encoder, seed):
         folder = tmp_path / "runs" / "cpu" / f"{dataset.name}-{encoder.name}-seed{seed}" / "checkpoints"

@@ -37,7 +37,8 @@ from trajrep.checks import ensure_wandb_ready
 from trajrep.data.cache import RepresentationCache
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.mine import time_nmi
-from trajrep.report import Collected, collect, encoder_label, log_wandb_run, mean_std, panels, plt, row_order
+from trajrep.report import (Collected, collect, encoder_label, log_wandb_run, mean_std, panel_title, panels, plt,
+                            row_order)
 from trajrep.results import read_results
 from trajrep.timegrid import select_times
 
@@ -138,6 +139,7 @@ def task_divergence(attention: dict[tuple, dict[str, dict]]) -> dict[tuple, dict
 
 
 def _title(encoder: tuple) -> str:
+    """An encoder (and task) on one line, for tables."""
     return " / ".join(str(value) for value in encoder)
 
 
@@ -150,7 +152,8 @@ def plot_per_task(by_encoder: dict, path: Path, key: str, ylabel: str, scale: fl
             mean, std = scale * np.array(entry[f"{key}mean"]), scale * np.array(entry[f"{key}std"])
             ax.plot(entry["times"], mean, "o-", label=task)
             ax.fill_between(entry["times"], mean - std, mean + std, alpha=0.15)
-        ax.set(title=_title(encoder), xlabel="t", ylabel=ylabel)
+        ax.set_title(panel_title(encoder), fontsize=9)
+        ax.set(xlabel="t", ylabel=ylabel)
         ax.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -164,7 +167,8 @@ def plot_heat_maps(by_encoder: dict, path: Path, labels_key: str, values_key: st
     for ax, encoder in zip(axes, keys):
         labels = [f"{v:g}" if isinstance(v, float) else str(v) for v in by_encoder[encoder][labels_key]]
         image = ax.imshow(np.array(by_encoder[encoder][values_key]), cmap="viridis", vmin=0)
-        ax.set(title=_title(encoder), xticks=range(len(labels)), yticks=range(len(labels)))
+        ax.set_title(panel_title(encoder), fontsize=9)
+        ax.set(xticks=range(len(labels)), yticks=range(len(labels)))
         ax.set_xticklabels(labels, rotation=45, fontsize=7)
         ax.set_yticklabels(labels, fontsize=7)
         figure.colorbar(image, ax=ax, label=label)
@@ -181,7 +185,7 @@ def plot_attention_per_class(by_encoder: dict, path: Path) -> None:
         entry = by_encoder[row[:-1]][row[-1]]
         image = ax.imshow(np.array(entry["mean"]), cmap="viridis", aspect="auto")
         ax.set(xlabel="t", ylabel="class", xticks=range(len(entry["times"])))
-        ax.set_title(_title(row), fontsize=7)
+        ax.set_title(panel_title(row), fontsize=9)
         ax.set_xticklabels([f"{t:g}" for t in entry["times"]], rotation=45, fontsize=7)
         figure.colorbar(image, ax=ax, label="CLS attention")
     figure.tight_layout()
@@ -204,7 +208,8 @@ def plot_masking(masking: dict, path: Path) -> None:
         ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
         ax.set_xticklabels(labels, fontsize=7)
         ax.axhline(0, color="black", lw=0.5)
-        ax.set(title=_title(encoder), xlabel="hidden key (t)", ylabel="test accuracy change (points)")
+        ax.set_title(panel_title(encoder), fontsize=9)
+        ax.set(xlabel="hidden key (t)", ylabel="test accuracy change (points)")
         ax.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

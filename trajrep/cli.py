@@ -11,6 +11,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 # Imported so that configs can name the classes by short name (class_path: SyntheticShapes).
 from trajrep.callbacks import EMA  # noqa: F401
+from trajrep.online_probe import OnlineProbe  # noqa: F401
 from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, ImageDataModule,  # noqa: F401
                           ImageFolder, SyntheticShapes)
 from trajrep.data.representations import PixelProbeData, RepresentationDataModule  # noqa: F401
@@ -18,6 +19,7 @@ from trajrep.checks import ensure_wandb_ready, ensure_writable
 from trajrep.errors import DEBUG_ENV, TrajrepError, errors_as_one_line
 from trajrep.extract import existing_checkpoint, extract_representations, load_pretrained_weights, read_checkpoint
 from trajrep.pretrain import PretrainModule
+from trajrep.knn import KNNProbe  # noqa: F401
 from trajrep.probe import ProbeModule  # noqa: F401
 from trajrep.timegrid import build_time_grid
 

@@ -183,7 +183,8 @@ def load_pretrained_model(ckpt_path: str | Path, ema: bool) -> PretrainModule:
     """Rebuild the PretrainModule a checkpoint was trained as, from its saved hyperparameters, and load it.
 
     The returned model's `pretrain_seed` is the seed its training run used (None when unknown) and
-    `pretrain_steps` its optimizer steps (0 for an untrained control).
+    `pretrain_steps` its optimizer steps (0 for an untrained control), `batchnorm_calibration` how an untrained
+    control's BatchNorm statistics were set (None for trained encoders).
     """
     checkpoint = read_checkpoint(ckpt_path)
     accepted = inspect.signature(PretrainModule).parameters
@@ -192,6 +193,7 @@ def load_pretrained_model(ckpt_path: str | Path, ema: bool) -> PretrainModule:
     load_pretrained_weights(model, ckpt_path, ema, checkpoint)
     model.pretrain_seed = checkpoint.get("pretrain_seed")
     model.pretrain_steps = checkpoint.get("global_step")
+    model.batchnorm_calibration = checkpoint.get("batchnorm_calibration")
     return model.eval()
 
 

@@ -1,6 +1,7 @@
 """DRL pretraining: a time-conditioned encoder and a latent-conditioned score network trained jointly (SPEC §1-5)."""
 
 import os
+from collections.abc import Iterable
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -52,7 +53,7 @@ class PretrainModule(pl.LightningModule):
         num_res_blocks: int = 2,
         attn_resolutions: tuple[int, ...] = (16,),
         dropout: float = 0.1,
-        latent_bottleneck: bool = False,
+        latent_bottleneck: bool = True,
         sigma_min: float = 0.01,
         sigma_max: float = 50.0,
         t_min: float = 1e-5,
@@ -106,6 +107,28 @@ class PretrainModule(pl.LightningModule):
         if mode == "reg-drl":
             return out, out.abs().sum(dim=1)
         return out, torch.zeros(out.shape[0], device=out.device, dtype=out.dtype)
+
+    @torch.no_grad()
+    def calibrate_encoder_batchnorm(self, batches: Iterable[torch.Tensor], generator: torch.Generator) -> int:
+        """Set the encoder's BatchNorm running statistics to their cumulative average over `batches` of normalised
+        training images, each image at its own t ~ U(t_min, 1): what a random-features control needs, since the
+        initial statistics (mean 0, variance 1) leave eval-mode features almost constant across images.
+        Returns the number of images seen; the encoder is left in eval mode."""
+        norms = [m for m in self.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative moving average
+        self.encoder.train()
+        seen = 0
+        for x0 in batches:
+            t = self.sde.sample_time(x0.shape[0], device=x0.device, generator=generator)
+            self.encoder(x0, self.sde.log_sigma(t))
+            seen += x0.shape[0]
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        self.encoder.eval()
+        return seen
 
     def loss_terms(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-example DSM and regulariser terms for given times and noise (deterministic given its inputs)."""

@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from trajrep.checks import ensure_writable
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
-from trajrep.nn.probes import HEADS, build_head, clip_grad_norm_per_member_, random_time_subset
+from trajrep.nn.probes import HEADS, SingleTimeHead, build_head, clip_grad_norm_per_member_, random_time_subset
 from trajrep.results import write_results
 from trajrep.selection import best_epochs, summarise
 
@@ -31,6 +31,20 @@ ATTENTION_HEADS = ("transformer", "continuous")
 # Members per chunk, the fastest on a 2-core CPU (fewer, larger kernels vs activations that stay in cache):
 # `python benchmarks/probe_grid.py --chunks` measures them. Kinds not listed train as one chunk.
 MEMBER_CHUNK = {"mlp": 16, "concat": 16, "mean": 16, "weighted": 16, "gru": 6, "transformer": 3, "continuous": 3}
+
+
+def result_context(module: pl.LightningModule, probe: str, epochs: int | None) -> dict:
+    """What a result file says about its run: the data's metadata (encoder, cache, standardisation), the probe,
+    its epochs (None for a probe without training) and the resolved configuration."""
+    datamodule = module.trainer.datamodule
+    return {
+        **getattr(datamodule, "metadata", {}),
+        "probe": probe,
+        "encoder_name": module.hparams.encoder_name,
+        "times": module.hparams.times,
+        "epochs": epochs,
+        "config": {"model": dict(module.hparams), "data": dict(getattr(datamodule, "hparams", {}))},
+    }
 
 
 class MemberAccuracy(Metric):
@@ -90,7 +104,7 @@ class ProbeModule(pl.LightningModule):
         # Mixers are clipped at 1.0 (SPEC §7) unless told otherwise; the MLP-style heads are not.
         self.grad_clip = grad_clip if grad_clip is not None else (1.0 if kind in MIXERS else None)
         self.task_names = task_names or [f"task{k}" for k in range(len(num_classes))]
-        time_indices = list(range(len(times))) if kind == "mlp" else [None]
+        time_indices = list(range(len(times))) if self.single_time else [None]
         self.members = [
             {"task": k, "time_index": i, "lr": lr, "seed": seed}
             for k, i, lr, seed in itertools.product(range(len(num_classes)), time_indices, learning_rates, seeds)
@@ -120,11 +134,16 @@ class ProbeModule(pl.LightningModule):
         self._subset_generator = torch.Generator().manual_seed(seeds[0])
 
     @property
+    def single_time(self) -> bool:
+        """Whether every t of the grid gets its own members (the per-t probes)."""
+        return issubclass(HEADS[self.hparams.kind], SingleTimeHead)
+
+    @property
     def exports_attention(self) -> bool:
         return self.hparams.kind in ATTENTION_HEADS and self.hparams.export_attention
 
     def _build_head(self, members: list[dict]) -> torch.nn.Module:
-        extra = {"time_index": [m["time_index"] for m in members]} if self.hparams.kind == "mlp" else {}
+        extra = {"time_index": [m["time_index"] for m in members]} if self.single_time else {}
         return build_head(self.hparams.kind, num_members=len(members), feature_dim=self.hparams.feature_dim,
                           num_times=len(self.hparams.times), num_classes=[max(self.hparams.num_classes)],
                           seeds=[m["seed"] for m in members], **extra, **(self.hparams.head_kwargs or {}))
@@ -310,17 +329,10 @@ class ProbeModule(pl.LightningModule):
                 record["attention_per_class"] = [weights if n > 0 else None  # a class absent from the test split
                                                  for weights, n in zip(per_class[g], class_count[g])]
                 record["masking"] = {name: values[g] for name, values in masked.items()}
-        datamodule = self.trainer.datamodule
-        context = {
-            **getattr(datamodule, "metadata", {}),
-            "probe": self.hparams.kind,
-            "encoder_name": self.hparams.encoder_name,
-            "times": self.hparams.times,
-            "epochs": len(self.val_history),
-            **({"attention_weights": "best_epoch"} if self.exports_attention else {}),
-            "config": {"model": dict(self.hparams), "data": dict(getattr(datamodule, "hparams", {}))},
-        }
-        path = write_results(self.hparams.results_dir, records, summarise(records), context)
+        context = result_context(self, self.hparams.kind, len(self.val_history))
+        if self.exports_attention:
+            context["attention_weights"] = "best_epoch"
+        path = write_results(self.hparams.results_dir, records, summarise(records, len(self.val_history)), context)
         self.print(f"Probe results ({len(records)} members) -> {path}")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -24,15 +24,23 @@ from scipy import stats
 
 from trajrep.checks import ensure_wandb_ready
 from trajrep.errors import TrajrepError, errors_as_one_line
-from trajrep.results import read_results
+from trajrep.results import probe_label, read_results
 from trajrep.similarity import mean_off_diagonal
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-COLUMNS = {"mlp": "best single t", "concat": "concat", "mean": "mean", "weighted": "weighted", "gru": "GRU",
-           "transformer": "Transformer", "continuous": "continuous"}
+COLUMNS = {"mlp": "best single t", "linear": "linear, best t", "knn": "kNN, best t", "concat": "concat",
+           "mean": "mean", "weighted": "weighted", "gru": "GRU", "transformer": "Transformer",
+           "continuous": "continuous", "concat-replicated": "concat, best t replicated",
+           "transformer-replicated": "Transformer, best t replicated"}
 MIXERS = ("gru", "transformer", "continuous")
+# Differences with a 95 % interval over paired pretraining seeds: (column, baseline, label).
+DIFFERENCES = [*((m, "mlp", f"{COLUMNS[m]} - best t") for m in MIXERS),
+               ("transformer", "transformer-replicated", "Transformer - replicated best t"),
+               ("concat", "concat-replicated", "concat - replicated best t")]
+# A probe whose members mostly peak at their last epoch, or whose selected lr (or k) is at the edge of its grid.
+UNCONVERGED_FRACTION = 0.5
 ROW_FIELDS = ("dataset", "encoder", "latent_dim", "steps", "g", "task")
 
 
@@ -62,10 +70,11 @@ class Collected:
         self.attention_per_class: dict[tuple, dict] = defaultdict(dict)
         self.cka: dict[tuple, dict] = defaultdict(dict)
         self.times: dict[tuple, list[float]] = {}
+        self.convergence: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
 
     def add(self, results: dict, path: Path) -> None:
         context, summary = results["context"], results["summary"]
-        probe, seed = context["probe"], context.get("pretrain_seed")
+        probe, seed = probe_label(context), context.get("pretrain_seed")
         for task, selected in summary.items():
             grid = len(context["times"]) - 1 if len(context["times"]) > 1 else "-"
             steps = "-" if context.get("pretrain_steps") is None else context["pretrain_steps"]
@@ -74,27 +83,48 @@ class Collected:
                 raise TrajrepError(f"{path} repeats {probe} for pretraining seed {seed} of row {row}; remove the "
                                    "stale result file")
             self.cells[row][probe][seed] = selected["test_acc_mean"]
+            self.convergence[row][probe][seed] = (selected.get("last_epoch_fraction"),
+                                                  bool(selected.get("at_grid_edge")))
             if "linear_cka" in context:
                 self.cka[row][seed] = mean_off_diagonal(torch.tensor(context["linear_cka"]))
-            for entry in selected.get("per_time", []):
-                self.per_time[row][entry["time"]][seed] = entry["test_acc_mean"]
-                self.per_time_val[row][entry["time"]][seed] = entry["val_acc_mean"]
-            chosen = [r["attention"] for r in results["records"]
-                      if r["task"] == task and r["lr"] == selected["lr"] and "attention" in r]
-            if chosen and probe == "transformer":
-                self.attention[row][seed] = np.mean(chosen, axis=0).tolist()
-                self.times[row] = context["times"]
-            by_class = [r["attention_per_class"] for r in results["records"]
-                        if r["task"] == task and r["lr"] == selected["lr"] and "attention_per_class" in r]
-            if by_class and probe == "transformer":  # classes present in the test split: the same for every seed
-                classes = [c for c, weights in enumerate(by_class[0]) if weights is not None]
-                self.attention_per_class[row][seed] = {"classes": classes, "weights": np.mean(
-                    [[weights[c] for c in classes] for weights in by_class], axis=0).tolist()}
-            masked = [r["masking"] for r in results["records"]
-                      if r["task"] == task and r["lr"] == selected["lr"] and "masking" in r]
-            if masked and probe == "transformer":
-                self.masking[row][seed] = {name: np.mean([m[name] for m in masked], axis=0).tolist()
-                                           for name in masked[0]}
+            if probe == "mlp":
+                for entry in selected["per_time"]:
+                    self.per_time[row][entry["time"]][seed] = entry["test_acc_mean"]
+                    self.per_time_val[row][entry["time"]][seed] = entry["val_acc_mean"]
+            if probe == "transformer":
+                chosen = [r for r in results["records"] if r["task"] == task and r["lr"] == selected["lr"]]
+                self._add_attention(row, seed, chosen, context["times"])
+
+    def _add_attention(self, row: tuple, seed, chosen: list[dict], times: list[float]) -> None:
+        """The selected Transformer members' attention (overall, per class) and masking, mean over probe seeds."""
+        if not chosen or "attention" not in chosen[0]:
+            return
+        self.attention[row][seed] = np.mean([r["attention"] for r in chosen], axis=0).tolist()
+        self.times[row] = times
+        by_class = [r["attention_per_class"] for r in chosen]
+        classes = [c for c, weights in enumerate(by_class[0]) if weights is not None]  # present in the test split
+        self.attention_per_class[row][seed] = {"classes": classes, "weights": np.mean(
+            [[weights[c] for c in classes] for weights in by_class], axis=0).tolist()}
+        masked = [r["masking"] for r in chosen]
+        self.masking[row][seed] = {name: np.mean([m[name] for m in masked], axis=0).tolist() for name in masked[0]}
+
+
+def convergence_warnings(convergence: dict[str, dict]) -> list[str]:
+    """Why cells of a row may not be converged results, one phrase per probe: the mean fraction of members that
+    peak at their last epoch (over pretraining seeds) when above UNCONVERGED_FRACTION, and in how many seeds the
+    selected lr sits at the edge of its grid (for a single-t probe, at the selected t)."""
+    found = []
+    for probe, by_seed in convergence.items():
+        fractions = [f for f, _ in by_seed.values() if f is not None]
+        edges = sum(edge for _, edge in by_seed.values())
+        reasons = []
+        if fractions and np.mean(fractions) > UNCONVERGED_FRACTION:
+            reasons.append(f"{100 * np.mean(fractions):.0f} % peak at the last epoch")
+        if edges:
+            reasons.append(f"lr at the grid's edge in {edges}/{len(by_seed)} seeds")
+        if reasons:
+            found.append(f"{COLUMNS.get(probe, probe)} ({'; '.join(reasons)})")
+    return found
 
 
 def collect(results_dir: str | Path) -> Collected:
@@ -131,10 +161,11 @@ def table_rows(collected: Collected) -> list[dict]:
             entry[probe] = (*mean_std(values), len(values)) if values else None
         cka = list(collected.cka.get(row, {}).values())
         entry["cka"] = float(np.mean(cka)) if cka else None
-        for mixer in MIXERS:
-            seeds = sorted(set(cells.get(mixer, {})) & set(cells.get("mlp", {})), key=str)
-            entry[f"{mixer}-best_t"] = difference_interval([cells[mixer][s] for s in seeds],
-                                                           [cells["mlp"][s] for s in seeds]) if seeds else None
+        for column, baseline, label in DIFFERENCES:
+            seeds = sorted(set(cells.get(column, {})) & set(cells.get(baseline, {})), key=str)
+            entry[label] = difference_interval([cells[column][s] for s in seeds],
+                                               [cells[baseline][s] for s in seeds]) if seeds else None
+        entry["warnings"] = convergence_warnings(collected.convergence.get(row, {}))
         rows.append(entry)
     return rows
 
@@ -153,9 +184,12 @@ def _difference(value: tuple | None) -> str:
 
 
 def _text_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = [*ROW_FIELDS, *COLUMNS.values(), *(f"{COLUMNS[m]} - best t" for m in MIXERS), "CKA across t"]
-    body = [[str(row[f]) for f in ROW_FIELDS] + [_cell(row[p]) for p in COLUMNS]
-            + [_difference(row[f"{m}-best_t"]) for m in MIXERS]
+    """Header and cells; a column that no row fills is left out."""
+    probes = [p for p in COLUMNS if any(row[p] for row in rows)]
+    differences = [label for _, _, label in DIFFERENCES if any(row[label] for row in rows)]
+    header = [*ROW_FIELDS, *(COLUMNS[p] for p in probes), *differences, "CKA across t"]
+    body = [[str(row[f]) for f in ROW_FIELDS] + [_cell(row[p]) for p in probes]
+            + [_difference(row[label]) for label in differences]
             + ["" if row["cka"] is None else f"{row['cka']:.3f}"] for row in rows]
     return header, body
 
@@ -169,21 +203,47 @@ def write_tables(rows: list[dict], out: Path) -> None:
     note = (f"Test accuracy (%), mean ± std over pretraining seeds (n = {', '.join(map(str, seeds))}); "
             "differences with a 95 % t-interval over paired seeds. CKA across t: mean linear CKA between the "
             "test representations at every two times of the grid (1 = the same representation at every t).")
+    warnings = [f"- {' / '.join(str(row[f]) for f in ROW_FIELDS)}: {', '.join(row['warnings'])}" for row in rows
+                if row["warnings"]]
+    if warnings:
+        lines += ["", "Warning: not converged, so these cells are not yet results (train longer, or widen the lr "
+                  "grid):", *warnings]
     (out / "table.md").write_text("\n".join([note, "", *lines]) + "\n")
     with open(out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*ROW_FIELDS, *(f"{p}_{s}" for p in COLUMNS for s in ("mean", "std", "seeds")),
-                         *(f"{m}_minus_best_t_{s}" for m in MIXERS for s in ("mean", "ci95")), "cka_mean"])
+                         *(f"{c}_minus_{b}_{s}" for c, b, _ in DIFFERENCES for s in ("mean", "ci95")), "cka_mean"])
         for row in rows:
             writer.writerow([row[f] for f in ROW_FIELDS]
                             + ["" if v is None else v for p in COLUMNS for v in (row[p] or ("", "", ""))]
-                            + ["" if v is None else v for m in MIXERS for v in (row[f"{m}-best_t"] or ("", ""))]
+                            + ["" if v is None else v for _, _, label in DIFFERENCES
+                               for v in (row[label] or ("", ""))]
                             + ["" if row["cka"] is None else row["cka"]])
     escape = str.maketrans({"_": r"\_", "%": r"\%", "±": r"$\pm$"})
     tex = [r"\begin{tabular}{" + "l" * len(ROW_FIELDS) + "r" * (len(header) - len(ROW_FIELDS)) + "}", r"\hline",
            " & ".join(h.translate(escape) for h in header) + r" \\", r"\hline"]
     tex += [" & ".join(c.translate(escape) for c in cells) + r" \\" for cells in body]
     (out / "table.tex").write_text("\n".join([*tex, r"\hline", r"\end{tabular}"]) + "\n")
+
+
+TIME_LABEL = "t (0 = clean, 1 = most noise)"
+
+
+def panel_title(row: tuple) -> str:
+    """Two short lines for a figure panel: dataset and encoder, then latent size, steps, grid (and task)."""
+    dataset, encoder, latent_dim, steps, grid, *task = row
+    return f"{dataset}: {encoder}\nd_z = {latent_dim}, {steps} steps, g = {grid}" + "".join(f", {t}" for t in task)
+
+
+def shared_legend(figure: plt.Figure, axes: list[plt.Axes], title: str) -> None:
+    """One legend for every panel, below them, so that none covers data; then the final layout."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    figure.tight_layout(rect=(0, 0.8 / figure.get_figheight(), 1, 1))  # 0.8 inch for the legend
+    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+                  title=title, title_fontsize=8)
 
 
 def panels(keys: list[tuple]) -> tuple[plt.Figure, list[plt.Axes]]:
@@ -209,13 +269,15 @@ def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
         stds = 100 * np.array([std or 0.0 for _, std in stats_at])
         ax.plot(times, means, "o-", color="black", label="MLP at t")
         ax.fill_between(times, means - stds, means + stds, color="black", alpha=0.15)
-        for mixer, colour in zip(MIXERS + ("concat",), ("tab:blue", "tab:red", "tab:green", "tab:grey")):
+        references = (*MIXERS, "concat", "transformer-replicated")
+        colours = ("tab:blue", "tab:red", "tab:green", "tab:grey", "tab:purple")
+        for mixer, colour in zip(references, colours):
             if collected.cells[row].get(mixer):
                 ax.axhline(100 * np.mean(list(collected.cells[row][mixer].values())), color=colour, ls="--",
                            label=COLUMNS[mixer])
-        ax.set(title=" / ".join(map(str, row)), xlabel="t", ylabel="test accuracy (%)")
-        ax.legend(fontsize=7)
-    figure.tight_layout()
+        ax.set(xlabel=TIME_LABEL, ylabel="test accuracy (%)")
+        ax.set_title(panel_title(row), fontsize=9)
+    shared_legend(figure, axes, "MLP at each t (band: ± std over pretraining seeds); dashed: probes over all t")
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -232,7 +294,8 @@ def plot_attention_over_t(collected: Collected, path: Path) -> None:
         times = collected.times[row]
         ax.errorbar(times, weights.mean(axis=0), yerr=weights.std(axis=0, ddof=1) if len(weights) > 1 else None,
                     fmt="o-", capsize=2)
-        ax.set(title=" / ".join(map(str, row)), xlabel="t", ylabel="CLS attention")
+        ax.set(xlabel=TIME_LABEL, ylabel="CLS attention (± std over seeds)")
+        ax.set_title(panel_title(row), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -27,12 +27,18 @@ from jsonargparse import ArgumentParser
 
 from trajrep.checks import ensure_wandb_ready, ensure_writable
 from trajrep.cli import build_cli, main as cli_main, summarise_parser_error
+from trajrep.data.base import ImageDataModule
 from trajrep.errors import TrajrepError, errors_as_one_line
+from trajrep.pretrain import PretrainModule
 from trajrep.report import report
 from trajrep.results import read_results
 from trajrep.timegrid import granularity_times
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The probes of one representation, which the raw-pixel control also gets.
+SINGLE_TIME_KINDS = ("mlp", "linear", "knn")
+# Training images whose statistics calibrate the untrained control's BatchNorm (cumulative average).
+CALIBRATION_IMAGES = 2000
 
 
 @dataclass
@@ -72,7 +78,8 @@ class Dataset:
 @dataclass
 class Preset:
     """What a preset file holds. `probe_args` go to every probe run, `probe_kind_args[kind]` to that kind's only
-    (e.g. head sizes)."""
+    (e.g. head sizes). `replicated` kinds (mixers) run again on the MLP's best single t repeated at every position:
+    their capacity control (for multi-task data, the best t of the first task)."""
 
     datasets: list[Dataset]
     encoders: list[Encoder]
@@ -80,10 +87,11 @@ class Preset:
     pretrain_args: list[str] = field(default_factory=list)
     grids: list[int] = field(default_factory=lambda: [10])
     cache: dict = field(default_factory=dict)
-    probes: list[str] = field(default_factory=lambda: ["mlp", "concat", "mean", "weighted", "gru", "transformer",
-                                                        "continuous"])
+    probes: list[str] = field(default_factory=lambda: ["mlp", "linear", "knn", "concat", "mean", "weighted", "gru",
+                                                        "transformer", "continuous"])
     probe_args: list[str] = field(default_factory=list)
     probe_kind_args: dict[str, list[str]] = field(default_factory=dict)
+    replicated: list[str] = field(default_factory=list)
     wandb_project: str | None = None
 
 
@@ -95,7 +103,11 @@ def load_preset(path: str | Path) -> Preset:
         config = parser.parse_object({"preset": _read_yaml(path)})
     except Exception as error:  # jsonargparse reports which key is wrong
         raise TrajrepError(f"preset {path} is not valid: {summarise_parser_error(str(error))}") from None
-    return parser.instantiate_classes(config).preset
+    preset = parser.instantiate_classes(config).preset
+    if preset.replicated and "mlp" not in preset.probes:
+        raise TrajrepError(f"preset {path}: the replicated controls ({', '.join(preset.replicated)}) run on the mlp "
+                           "probe's best single t; add mlp to probes")
+    return preset
 
 
 def _read_yaml(path: str | Path) -> dict:
@@ -111,6 +123,19 @@ def _in_repository(path: str) -> Path:
     """A relative config path from the current folder, or else from the trajrep checkout (presets name both)."""
     here = Path(path)
     return here if here.is_absolute() or here.exists() else CONFIGS.parent / path
+
+
+def calibrate_untrained(model: PretrainModule, images: ImageDataModule, seed: int,
+                        num_images: int = CALIBRATION_IMAGES, batch_size: int = 100) -> str:
+    """Calibrate an untrained model's encoder BatchNorm on a seeded sample of training images; returns the
+    sentence its records carry."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels, _ = images.stacked("train")
+    rows = torch.randperm(len(pixels), generator=generator)[:num_images]
+    seen = model.calibrate_encoder_batchnorm((images.normalize(pixels[part]) for part in rows.split(batch_size)),
+                                             generator)
+    return (f"BatchNorm running statistics: cumulative average over {seen} training images, each at t ~ U(0, 1), "
+            "weights untrained")
 
 
 class Reproduction:
@@ -129,9 +154,10 @@ class Reproduction:
                 f"--trainer.logger.save_dir={run_dir}"]
 
     @staticmethod
-    def _fit(args: list[str]) -> None:
-        """One `trajrep fit`, then close its W&B run: Lightning leaves it open, and the next stage would reuse it."""
-        cli_main(["fit", *args])
+    def _run_stage(subcommand: str, args: list[str]) -> None:
+        """One `trajrep fit` (or validate), then close its W&B run: Lightning leaves it open, and the next stage
+        would reuse it."""
+        cli_main([subcommand, *args])
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish()
 
@@ -151,8 +177,8 @@ class Reproduction:
         for stale in [self.results / "probes" / run, *(self.results / "probes").glob(f"{run}-step*")]:
             shutil.rmtree(stale, ignore_errors=True)  # built from an older checkpoint
         resume = ["--ckpt_path", str(last)] if last.exists() else []
-        self._fit([*self._pretrain_args(dataset, encoder, seed, run_dir), *self._logger_args(run, "pretrain", run_dir),
-                   *resume])
+        self._run_stage("fit", [*self._pretrain_args(dataset, encoder, seed, run_dir),
+                                *self._logger_args(run, "pretrain", run_dir), *resume])
         done.write_text("fit returned\n")
         return last
 
@@ -177,42 +203,58 @@ class Reproduction:
         return found
 
     def untrained(self, dataset: Dataset, encoder: Encoder) -> Path:
-        """A checkpoint of the variant's randomly initialised model (0 steps): the untrained-encoder control."""
+        """A checkpoint of the variant's randomly initialised model (0 steps), its encoder's BatchNorm statistics
+        calibrated on training images at random t: the untrained-encoder (random features) control."""
         seed = (encoder.seeds or self.preset.seeds)[0]
         path = self.runs / f"{dataset.name}-{encoder.name}-untrained" / "untrained.ckpt"
         if path.exists():
             return path
         pl.seed_everything(seed)
         cli = build_cli(self._pretrain_args(dataset, encoder, seed, path.parent), run=False)
+        calibration = calibrate_untrained(cli.model, cli.datamodule, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         torch.save({"state_dict": cli.model.state_dict(), "hyper_parameters": dict(cli.model.hparams),
-                    "global_step": 0, "pretrain_seed": seed}, partial)
+                    "global_step": 0, "pretrain_seed": seed, "batchnorm_calibration": calibration}, partial)
         partial.replace(path)
         return path
 
-    def _probe_done(self, folder: Path, kind: str) -> bool:
+    def _probe_done(self, folder: Path, kind: str) -> Path | None:
+        """The valid result file of `kind` in `folder`, if there is one (an invalid one is removed)."""
         for path in folder.glob(f"{kind}-*.json"):
             try:
                 read_results(path)
-                return True
+                return path
             except TrajrepError as error:
                 print(f"trajrep: redoing {kind} in {folder}: {error}")
                 path.unlink()
-        return False
+        return None
 
-    def probe(self, run: str, kind: str, dataset: Dataset, data: list[str], encoder: str | None = None) -> None:
-        """One probe kind's grid on one run's representations (or pixels), unless its results exist."""
+    def probe(self, run: str, kind: str, dataset: Dataset, data: list[str], encoder: str | None = None) -> Path:
+        """One probe kind's grid on one run's representations (or pixels), unless its results exist; returns its
+        result file. The kNN probe has no training: it runs as `validate`, with the probe options of no kind."""
         folder = self.results / "probes" / run
-        if self._probe_done(folder, kind):
-            return
+        done = self._probe_done(folder, kind)
+        if done is not None:
+            return done
         run_dir = self.runs / "probe" / run / kind
         name = [f"--model.encoder_name={encoder}"] if encoder else []
-        self._fit(["--config", str(CONFIGS / "probe" / f"{kind}.yaml"), *data,
-                   f"--data.images={json.dumps(dataset.images_config)}", f"--model.results_dir={folder}",
-                   f"--trainer.default_root_dir={run_dir}", *name, *self.preset.probe_args, *dataset.probe_args,
-                   *self.preset.probe_kind_args.get(kind, []),
-                   *self._logger_args(run.replace("/", "-"), kind, run_dir)])
+        training = [] if kind == "knn" else [*self.preset.probe_args, *dataset.probe_args]
+        args = ["--config", str(CONFIGS / "probe" / f"{kind}.yaml"), *data,
+                f"--data.images={json.dumps(dataset.images_config)}", f"--model.results_dir={folder}",
+                f"--trainer.default_root_dir={run_dir}", *name, *training, *self.preset.probe_kind_args.get(kind, []),
+                *self._logger_args(run.replace("/", "-"), kind, run_dir)]
+        self._run_stage("validate" if kind == "knn" else "fit", args)
+        return self._probe_done(folder, kind)
+
+    def probe_trajectory(self, run: str, dataset: Dataset, data: list[str], encoder: str) -> None:
+        """Every probe kind of the preset on one run's grid, then the replicated-best-t controls."""
+        results = {kind: self.probe(run, kind, dataset, data, encoder) for kind in self.preset.probes}
+        if not self.preset.replicated:
+            return
+        best_t = next(iter(read_results(results["mlp"])["summary"].values()))["time"]
+        for kind in self.preset.replicated:
+            self.probe(f"{run}/replicated", kind, dataset, [*data, f"--data.replicate_time={best_t}"], encoder)
 
     def _representation_data(self, checkpoint: Path, grid: int) -> list[str]:
         """Probe data for one grid, read from the cache of all the preset's grids (shared points extracted once)."""
@@ -229,10 +271,11 @@ class Reproduction:
                            for run, checkpoint in self.checkpoints(dataset, encoder).items()}
             for (encoder, run), checkpoint in checkpoints.items():
                 for grid in self.preset.grids:
-                    for kind in self.preset.probes:
-                        self.probe(f"{run}/g{grid}", kind, dataset,
-                                   self._representation_data(checkpoint, grid), encoder)
-            self.probe(f"{dataset.name}-pixels", "mlp", dataset, ["--data=PixelProbeData"])
+                    self.probe_trajectory(f"{run}/g{grid}", dataset, self._representation_data(checkpoint, grid),
+                                          encoder)
+            for kind in SINGLE_TIME_KINDS:  # the raw-pixel control, through the same protocol
+                if kind in self.preset.probes:
+                    self.probe(f"{dataset.name}-pixels", kind, dataset, ["--data=PixelProbeData"])
         return report(self.results / "probes", self.results, self.preset.wandb_project, self.name,
                       wandb_dir=self.runs)
 

@@ -21,12 +21,17 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None
 
 
+def probe_label(context: dict) -> str:
+    """The probe kind, marked "-replicated" for the capacity control (one t repeated at every position)."""
+    return context.get("probe") + ("-replicated" if context.get("replicated_time") is not None else "")
+
+
 def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def write_results(results_dir: str | Path, records: list[dict], summary: dict, context: dict) -> Path:
-    """Write `<results_dir>/<probe>-<cache key>.json`: per-member records (each with the fields a table needs),
+    """Write `<results_dir>/<probe label>-<cache key>.json`: per-member records (each with the fields a table needs),
     the per-task summary and the run context. Written to a temporary file and renamed: never half a file."""
     shared = {k: context.get(k) for k in ("dataset", "encoder_mode", "encoder_name", "latent_dim", "pretrain_seed",
                                           "pretrain_steps", "cache_key", "times")}
@@ -37,7 +42,7 @@ def write_results(results_dir: str | Path, records: list[dict], summary: dict, c
         "summary": summary,
         "context": context,
     }
-    path = Path(results_dir) / f"{context.get('probe')}-{context.get('cache_key', 'nocache')}.json"
+    path = Path(results_dir) / f"{probe_label(context)}-{context.get('cache_key', 'nocache')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps({**payload, "sha256": _digest(payload)}, indent=1))

@@ -3,7 +3,9 @@
 For every member (one probe configuration) keep the epoch with the best validation accuracy and the test accuracy
 at that epoch; per task (and, for single-t probes, per t) pick the learning rate with the best mean validation
 accuracy over seeds and report mean and std of test accuracy at that rate. The best single t is chosen the same
-way, on validation; test accuracy never takes part in any choice.
+way, on validation; test accuracy never takes part in any choice. Summaries also say whether the selection can be
+trusted: a setting at the edge of its grid, or members that peak at their last epoch, mean the grid or the
+training was too short.
 """
 
 from collections import defaultdict
@@ -21,33 +23,47 @@ def best_epochs(val_history: np.ndarray, test_history: np.ndarray) -> tuple[np.n
     return epochs, val_history[epochs, members], test_history[epochs, members]
 
 
-def _select_lr(records: list[dict]) -> dict:
-    by_lr = defaultdict(list)
+def _select(records: list[dict], epochs: int | None) -> dict:
+    """The setting (lr, or k for the kNN probe) with the best mean validation accuracy over seeds, its test
+    accuracy, and whether the protocol converged: the lr at an edge of its grid (a wider grid might do better;
+    a grid of fewer than 3 rates cannot bracket) and the fraction of members whose best epoch is the last one
+    (longer training might do better)."""
+    key = "k" if "k" in records[0] else "lr"
+    by_setting = defaultdict(list)
     for record in records:
-        by_lr[record["lr"]].append(record)
-    lr = max(by_lr, key=lambda rate: (np.mean([r["val_acc"] for r in by_lr[rate]]), -rate))
-    chosen = by_lr[lr]
+        by_setting[record[key]].append(record)
+    value = max(by_setting, key=lambda v: (np.mean([r["val_acc"] for r in by_setting[v]]), -v))
+    chosen = by_setting[value]
     tests = np.array([r["test_acc"] for r in chosen])
-    return {
-        "lr": lr,
+    selected = {
+        key: value,
         "val_acc_mean": float(np.mean([r["val_acc"] for r in chosen])),
         "test_acc_mean": float(tests.mean()),
         "test_acc_std": float(tests.std(ddof=1)) if len(tests) > 1 else 0.0,
         "num_seeds": len(chosen),
     }
+    if key == "lr":  # k of the kNN probe is the field's fixed pair (20, 200), not a search
+        selected["at_grid_edge"] = len(by_setting) < 3 or value in (min(by_setting), max(by_setting))
+    if epochs is not None:
+        selected["last_epoch_fraction"] = float(np.mean([r["best_epoch"] == epochs - 1 for r in records]))
+    return selected
 
 
-def summarise(records: list[dict]) -> dict[str, dict]:
-    """Per task: the selected configuration; for single-t probes also every t and the val-selected best t."""
+def summarise(records: list[dict], epochs: int | None = None) -> dict[str, dict]:
+    """Per task: the selected configuration; for single-t probes also every t and the val-selected best t.
+    `epochs` (of a trained probe) adds the fraction of members whose best epoch is the last one."""
     by_task = defaultdict(lambda: defaultdict(list))
     for record in records:
         by_task[record["task"]][record["time"]].append(record)
     summary = {}
     for task, by_time in by_task.items():
         if list(by_time) == [None]:
-            summary[task] = _select_lr(by_time[None])
+            summary[task] = _select(by_time[None], epochs)
             continue
-        per_time = [{"time": t, **_select_lr(group)} for t, group in sorted(by_time.items())]
+        per_time = [{"time": t, **_select(group, epochs)} for t, group in sorted(by_time.items())]
         best = max(per_time, key=lambda entry: entry["val_acc_mean"])
         summary[task] = {**best, "per_time": per_time}
+        if epochs is not None:  # over every member of the task, all times
+            summary[task]["last_epoch_fraction"] = float(np.mean(
+                [r["best_epoch"] == epochs - 1 for group in by_time.values() for r in group]))
     return summary

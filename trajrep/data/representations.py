@@ -44,10 +44,17 @@ class ProbeData(pl.LightningDataModule):
     Training batches come per probe seed (SeededBatches); validation runs on the val AND test splits, because
     the protocol keeps every epoch's test accuracy and then selects on validation. `from_tensors` serves
     tensors held in memory; RepresentationDataModule reads them from a cache.
+
+    `standardize` (the default) rescales every dimension at every t to mean 0 and std 1 with statistics of the
+    train stage only, so that probes of encoders whose features differ in scale (or barely vary between images)
+    train alike; false serves the raw representations, as the paper did. `replicate_time` serves the
+    representation at that t in every position: the capacity control of the mixers, which then see no information
+    from other times.
     """
 
     def __init__(self, times: list[float], num_classes: list[int], task_names: list[str], feature_dim: int,
-                 seeds: list[int], batch_size: int, eval_batch_size: int) -> None:
+                 seeds: list[int], batch_size: int, eval_batch_size: int, standardize: bool = True,
+                 replicate_time: float | None = None) -> None:
         super().__init__()
         if not seeds or len(set(seeds)) != len(seeds):
             raise TrajrepError(f"seeds must be a non-empty list of distinct probe seeds, got {seeds}")
@@ -56,18 +63,39 @@ class ProbeData(pl.LightningDataModule):
         self.times, self.num_classes, self.task_names = list(times), list(num_classes), list(task_names)
         self.feature_dim, self.seeds = feature_dim, list(seeds)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.metadata: dict = {}
+        self.standardize = standardize
+        self.replicated_index = None if replicate_time is None else select_times(self.times, [replicate_time])[0]
+        self.metadata: dict = {"standardized": standardize,
+                               **({} if replicate_time is None else {"replicated_time": replicate_time})}
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._given: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], times: list[float],
                      num_classes: list[int], seeds: list[int], batch_size: int = 256,
-                     eval_batch_size: int = 1024, task_names: list[str] | None = None) -> "ProbeData":
+                     eval_batch_size: int = 1024, task_names: list[str] | None = None, standardize: bool = True,
+                     replicate_time: float | None = None) -> "ProbeData":
         """Serve in-memory tensors {stage: (x (N, T, d), y)} for train, val and test."""
         data = ProbeData(times, num_classes, task_names or [f"task{k}" for k in range(len(num_classes))],
-                         tensors["train"][0].shape[-1], seeds, batch_size, eval_batch_size)
-        data._tensors = dict(tensors)
+                         tensors["train"][0].shape[-1], seeds, batch_size, eval_batch_size, standardize,
+                         replicate_time)
+        data._given = dict(tensors)
         return data
+
+    def load_stages(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The raw {train, val, test: (x (N, T, d), y)}; subclasses read them from where they live."""
+        return self._given
+
+    def setup(self, stage: str) -> None:
+        if self._tensors:
+            return
+        stages = self.load_stages()
+        if self.standardize:
+            stages = standardize_stages(stages)
+        if self.replicated_index is not None:
+            positions = [self.replicated_index] * len(self.times)
+            stages = {name: (x[:, positions], y) for name, (x, y) in stages.items()}
+        self._tensors = stages
 
     @property
     def num_times(self) -> int:
@@ -146,6 +174,8 @@ class RepresentationDataModule(ProbeData):
         batch_size: int = 256,
         eval_batch_size: int = 1024,
         recompute: bool = False,
+        standardize: bool = True,
+        replicate_time: float | None = None,
     ) -> None:
         # Local import: the probe side reaches the pretraining side only to build a missing cache.
         from trajrep.extract import extraction_identity, load_pretrained_model
@@ -155,14 +185,14 @@ class RepresentationDataModule(ProbeData):
         served = grid if probe_times is None else [grid[i] for i in select_times(grid, probe_times)]
         model = load_pretrained_model(checkpoint, ema)
         super().__init__(served, images.num_classes, images.task_names, model.latent_dim, seeds, batch_size,
-                         eval_batch_size)
+                         eval_batch_size, standardize, replicate_time)
         # `times` (explicit grid points) is left out: a logger merges these hparams with the ProbeModule's, whose
         # `times` are the served times, and refuses keys with different values.
         self.save_hyperparameters(ignore=["images", "times"])
         self.images, self.grid, self._model = images, grid, model
         identity = extraction_identity(model, images, grid, ema, dtype, ("train", "test"))
         self.cache_path = Path(cache_dir) / cache_key(identity)
-        self.metadata = {
+        self.metadata.update({
             "dataset": images.identity()["dataset"].rsplit(".", 1)[-1],
             "encoder_mode": model.hparams.mode,
             "latent_dim": self.feature_dim,
@@ -171,7 +201,8 @@ class RepresentationDataModule(ProbeData):
             "checkpoint": str(checkpoint),
             "cache_key": self.cache_path.name,
             "weights": "ema" if ema else "raw",
-        }
+            **({"batchnorm_calibration": model.batchnorm_calibration} if model.batchnorm_calibration else {}),
+        })
 
     def prepare_data(self) -> None:
         """Extract the cache if it is missing (or when recompute is set), on one process."""
@@ -184,18 +215,16 @@ class RepresentationDataModule(ProbeData):
                                 self.hparams.cache_dir, batch_size=self.hparams.extract_batch_size,
                                 recompute=self.hparams.recompute, checkpoint=self.hparams.checkpoint)
 
-    def setup(self, stage: str) -> None:
-        if self._tensors:
-            return
+    def load_stages(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         cache = RepresentationCache(self.cache_path)
         indices = select_times(cache.times, self.times)
         train = (torch.from_numpy(cache.representations("train", indices)).float(),
                  torch.from_numpy(cache.labels("train")))
         test = (torch.from_numpy(cache.representations("test", indices)).float(),
                 torch.from_numpy(cache.labels("test")))
-        self._tensors = split_stages(train, test, self.hparams.val_fraction, self.hparams.split_seed)
         # Reported beside the accuracies: does the representation change along t at all?
         self.metadata["linear_cka"] = linear_cka(test[0]).tolist()
+        return split_stages(train, test, self.hparams.val_fraction, self.hparams.split_seed)
 
 
 class PixelProbeData(ProbeData):
@@ -203,31 +232,48 @@ class PixelProbeData(ProbeData):
     train/val exactly as RepresentationDataModule splits the same images. Probe it with the `mlp` head."""
 
     def __init__(self, images: ImageDataModule, val_fraction: float = 0.1, split_seed: int = 0,
-                 seeds: list[int] = [0, 1, 2, 3, 4], batch_size: int = 256, eval_batch_size: int = 1024) -> None:
+                 seeds: list[int] = [0, 1, 2, 3, 4], batch_size: int = 256, eval_batch_size: int = 1024,
+                 standardize: bool = True) -> None:
         check_val_fraction(val_fraction)
         channels, height, width = images.image_shape
         super().__init__([0.0], images.num_classes, images.task_names, channels * height * width, seeds, batch_size,
-                         eval_batch_size)
+                         eval_batch_size, standardize)
         self.save_hyperparameters(ignore=["images"])
         self.images = images
         identity = images.identity()
-        self.metadata = {"dataset": identity["dataset"].rsplit(".", 1)[-1], "encoder_mode": "pixels",
-                         "latent_dim": self.feature_dim, "pretrain_seed": None, "pretrain_steps": None,
-                         "cache_key": "pixels-" + cache_key(identity)}
+        self.metadata.update({"dataset": identity["dataset"].rsplit(".", 1)[-1], "encoder_mode": "pixels",
+                              "latent_dim": self.feature_dim, "pretrain_seed": None, "pretrain_steps": None,
+                              "cache_key": "pixels-" + cache_key(identity)})
 
     def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.images.stacked(split)
         return self.images.normalize(images).flatten(1).unsqueeze(1), labels
 
-    def setup(self, stage: str) -> None:
-        if not self._tensors:
-            self._tensors = split_stages(self._split("train"), self._split("test"), self.hparams.val_fraction,
-                                         self.hparams.split_seed)
+    def load_stages(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return split_stages(self._split("train"), self._split("test"), self.hparams.val_fraction,
+                            self.hparams.split_seed)
 
 
 def check_val_fraction(val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise TrajrepError(f"val_fraction must be in (0, 1), got {val_fraction}")
+
+
+def standardize_stages(stages: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every stage rescaled per (t, dimension) by the train stage's mean and std; a dimension that is constant
+    on train is only centred."""
+    names = list(stages)
+    scaled = standardise(stages["train"][0], *(stages[name][0] for name in names))[1:]
+    return {name: (x, stages[name][1]) for name, x in zip(names, scaled)}
+
+
+def standardise(train: torch.Tensor, *others: torch.Tensor, dim: int = 0) -> list[torch.Tensor]:
+    """`train` and `others` standardised per feature with the mean and std of `train` along `dim` (examples):
+    held-out data must not inform the probe. A feature that is constant on train is only centred."""
+    std, mean = torch.std_mean(train, dim=dim, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return [(x - mean) / std for x in (train, *others)]
 
 
 def split_stages(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],

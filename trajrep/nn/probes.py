@@ -120,26 +120,25 @@ class ProbeHead(nn.Module):
         return x
 
 
-class MLPHead(ProbeHead):
-    """Linear(d, 512) -> ReLU -> Dropout -> Linear(512, C) on ONE time per member: member g reads time_index[g].
-
-    The per-t grid puts the time index into the members (11 t x 30 lr-seed pairs = 330 members); without
-    time_index every member reads the only time (num_times must be 1).
-    """
+class SingleTimeHead(ProbeHead):
+    """A classifier on ONE time per member: member g reads time_index[g]. The per-t grid puts the time index into
+    the members (11 t x 30 lr-seed pairs = 330 members); without time_index every member reads the only time
+    (num_times must be 1). Subclasses define `classify` on (G, B, d)."""
 
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], *, time_index: Sequence[int] | None = None, hidden_dim: int = 512,
-                 dropout: float = 0.25) -> None:
+                 seeds: Sequence[int], time_index: Sequence[int] | None) -> None:
         super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
         if time_index is None:
             if num_times != 1:
-                raise TrajrepError(f"the mlp head over {num_times} times needs time_index (one time per member)")
+                raise TrajrepError(f"the {type(self).__name__} over {num_times} times needs time_index (one time "
+                                   "per member)")
             time_index = [0] * num_members
         if len(time_index) != num_members or not all(0 <= i < num_times for i in time_index):
             raise TrajrepError(f"time_index needs {num_members} entries in 0..{num_times - 1}, got {list(time_index)}")
         self.register_buffer("time_index", torch.as_tensor(time_index, dtype=torch.long), persistent=False)
-        self.mlp = GroupedMLP(num_members, feature_dim, hidden_dim, self.total_classes, dropout,
-                              member_generators(self.seeds))
+
+    def classify(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def select_inputs(self, x: Tensor, member_rows: Tensor) -> Tensor:
         """Member g's batch at its own time only: (G, B, 1, d) from per-seed batches (S, B, T, d)."""
@@ -149,10 +148,36 @@ class MLPHead(ProbeHead):
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         """x is (G, B, T, d) or shared (B, T, d); a time dim of 1 means `select_inputs` already chose the time."""
         if x.dim() == 4 and x.shape[2] == 1:
-            return self.mlp(x.squeeze(2))
+            return self.classify(x.squeeze(2))
         x = self.member_batches(x)
         index = self.time_index.view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, x.shape[3])
-        return self.mlp(x.gather(2, index).squeeze(2))
+        return self.classify(x.gather(2, index).squeeze(2))
+
+
+class MLPHead(SingleTimeHead):
+    """Linear(d, 512) -> ReLU -> Dropout -> Linear(512, C) on one time per member (SPEC §7)."""
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], *, time_index: Sequence[int] | None = None, hidden_dim: int = 512,
+                 dropout: float = 0.25) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds, time_index)
+        self.mlp = GroupedMLP(num_members, feature_dim, hidden_dim, self.total_classes, dropout,
+                              member_generators(self.seeds))
+
+    def classify(self, x: Tensor) -> Tensor:
+        return self.mlp(x)
+
+
+class LinearHead(SingleTimeHead):
+    """The linear probe of the self-supervised field: one Linear(d, C) on one time per member."""
+
+    def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
+                 seeds: Sequence[int], *, time_index: Sequence[int] | None = None) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds, time_index)
+        self.linear = GroupedLinear(num_members, feature_dim, self.total_classes, member_generators(self.seeds))
+
+    def classify(self, x: Tensor) -> Tensor:
+        return self.linear(x)
 
 
 class ConcatHead(ProbeHead):
@@ -312,6 +337,7 @@ class ContinuousTransformerHead(_TokenMixerHead):
 
 HEADS: dict[str, type[ProbeHead]] = {
     "mlp": MLPHead,
+    "linear": LinearHead,
     "gru": GRUHead,
     "transformer": TransformerHead,
     "concat": ConcatHead,
