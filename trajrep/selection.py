@@ -45,8 +45,13 @@ def _select(records: list[dict], epochs: int | None) -> dict:
     if key == "lr":  # k of the kNN probe is the field's fixed pair (20, 200), not a search
         selected["at_grid_edge"] = len(by_setting) < 3 or value in (min(by_setting), max(by_setting))
     if epochs is not None:
-        selected["last_epoch_fraction"] = float(np.mean([r["best_epoch"] == epochs - 1 for r in records]))
+        selected["last_epoch_fraction"] = last_epoch_fraction(records, epochs)
     return selected
+
+
+def last_epoch_fraction(records: list[dict], epochs: int) -> float:
+    """The fraction of members whose best validation epoch is the last one."""
+    return float(np.mean([r["best_epoch"] == epochs - 1 for r in records]))
 
 
 def summarise(records: list[dict], epochs: int | None = None) -> dict[str, dict]:
@@ -64,6 +69,6 @@ def summarise(records: list[dict], epochs: int | None = None) -> dict[str, dict]
         best = max(per_time, key=lambda entry: entry["val_acc_mean"])
         summary[task] = {**best, "per_time": per_time}
         if epochs is not None:  # over every member of the task, all times
-            summary[task]["last_epoch_fraction"] = float(np.mean(
-                [r["best_epoch"] == epochs - 1 for group in by_time.values() for r in group]))
+            summary[task]["last_epoch_fraction"] = last_epoch_fraction(
+                [r for group in by_time.values() for r in group], epochs)
     return summary

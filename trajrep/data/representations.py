@@ -263,8 +263,8 @@ def standardize_stages(stages: dict[str, tuple[torch.Tensor, torch.Tensor]]
                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every stage rescaled per (t, dimension) by the train stage's mean and std; a dimension that is constant
     on train is only centred."""
-    names = list(stages)
-    scaled = standardise(stages["train"][0], *(stages[name][0] for name in names))[1:]
+    names = ["train", *(name for name in stages if name != "train")]
+    scaled = standardise(*(stages[name][0] for name in names))
     return {name: (x, stages[name][1]) for name, x in zip(names, scaled)}
 
 
