@@ -10,10 +10,11 @@ import torch
 from conftest import QUICKSTART, tiny_fit_args
 from trajrep.cli import main
 
-# Every runnable config; configs/**/data/ holds datamodule fragments that the probe configs include, and
-# configs/presets/ the pipeline presets of trajrep.reproduce (tested in test_reproduce.py).
+# Every runnable config; configs/**/data/ holds datamodule fragments that the probe configs include,
+# configs/presets/ the pipeline presets of trajrep.reproduce (tested in test_reproduce.py) and configs/regime/ the
+# sweeps of trajrep.regime (tested in test_regime.py).
 CONFIGS = sorted(p for p in pathlib.Path(__file__).parents[1].glob("configs/**/*.yaml")
-                 if "data" not in p.parts and "presets" not in p.parts)
+                 if not {"data", "presets", "regime"} & set(p.parts))
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import pathlib
 import pickle
 import shutil
 import struct
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from trajrep.cli import main
 from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, ImageDataModule, ImageFolder,
                           SyntheticShapes)
 from trajrep.data.fashion_mnist import DEFAULT_ROOT
+from trajrep.data.image_folder import balanced_subset
 from trajrep.data.synthetic import NUM_COMBINATIONS, PALETTE
 from trajrep.errors import TrajrepError
 
@@ -395,6 +397,28 @@ def test_image_folder_missing_split_describes_the_layout(tmp_path):
         ImageFolder(root=str(tmp_path))
     with pytest.raises(TrajrepError, match="does not exist"):
         ImageFolder(root=str(tmp_path / "nowhere"))
+
+
+def test_balanced_subset_is_equal_per_class_seeded_and_in_dataset_order():
+    labels = [0] * 50 + [1] * 30 + [2] * 4  # class-sorted, as an image folder lists its files
+    chosen = balanced_subset(labels, 30, seed=0)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 30
+    assert Counter(labels[i] for i in chosen) == {0: 13, 1: 13, 2: 4}  # the small class gives all it has
+    assert balanced_subset(labels, 30, seed=0) == chosen and balanced_subset(labels, 30, seed=1) != chosen
+    assert Counter(labels[i] for i in balanced_subset(labels, 7, seed=0)) == {0: 3, 1: 2, 2: 2}
+
+
+def test_image_folder_subsets_are_class_balanced_and_part_of_the_identity(tmp_path):
+    fake_image_folder(tmp_path)
+    full = ImageFolder(root=str(tmp_path))
+    subset = ImageFolder(root=str(tmp_path), num_train=4, num_test=2)
+    assert tensors(subset.dataset("train"))[1].tolist() == [0, 0, 1, 1]
+    assert sorted(tensors(subset.dataset("test"))[1].tolist()) == [0, 1]
+    assert subset.identity() != full.identity()  # a different cache
+    with pytest.raises(TrajrepError, match=r"num_train 7 exceeds the 6 train images"):
+        ImageFolder(root=str(tmp_path), num_train=7).dataset("train")
+    with pytest.raises(TrajrepError, match="num_test must be >= 1"):
+        ImageFolder(root=str(tmp_path), num_test=0)
 
 
 def test_image_folder_corrupted_file_is_named_when_read(tmp_path):

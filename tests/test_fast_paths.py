@@ -5,6 +5,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from trajrep.callbacks import EMA
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.pretrain import PretrainModule
 
@@ -72,3 +73,14 @@ def test_device_resident_loader_serves_the_same_batches():
     assert len(plain) == len(resident) == 2  # drop_last: 40 images give two full batches
     for (plain_images, plain_labels), (resident_images, resident_labels) in zip(plain, resident):
         assert torch.equal(plain_images, resident_images) and torch.equal(plain_labels, resident_labels)
+
+
+def test_matmul_precision_is_put_back_when_ema_calls_configure_model_too(tmp_path):
+    # EMA (Lightning's WeightAveraging) calls configure_model before the Trainer does: the setting must not be
+    # remembered as the process's own.
+    pl.seed_everything(0)
+    module = PretrainModule(image_channels=3, image_size=32, matmul_precision="medium", **SIZES)
+    pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0, callbacks=[EMA(decay=0.9)]
+               ).fit(module, SyntheticShapes(num_train=32, num_test=8, batch_size=8))
+    assert torch.get_float32_matmul_precision() == "highest"

@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 
 from conftest import REPO, kill_when
-from trajrep.analysis import js_divergence_bits
+from trajrep.analysis import js_divergence_bits, task_divergence
 from trajrep.errors import TrajrepError
 from trajrep.report import COLUMNS, DIFFERENCES, difference_interval
 from trajrep.reproduce import Encoder, Reproduction, load_preset
@@ -70,6 +71,10 @@ def test_smoke_preset_goes_from_nothing_to_a_table(smoke_run):
     for column in COLUMNS.values():
         assert column in table
     assert "untrained reg-drl" in table and "pixels" in table and "CKA across t" in table
+    assert "| shapes | reg-drl |" in table and "SyntheticShapes" not in table  # the preset's dataset name
+    # The untrained control has one seed: its differences say so instead of showing a bare number.
+    untrained = next(line for line in table.splitlines() if "| untrained reg-drl |" in line and "| shape |" in line)
+    assert untrained.count("(n = 1, no interval)") == len(DIFFERENCES)
     assert [p.name for p in (smoke_run / "cache").iterdir()] == ["smoke"]  # the preset's cache_dir, verbatim
     for name in ("table.csv", "table.tex", "accuracy_vs_t.png", "attention_over_t.png"):
         assert (out / name).stat().st_size > 0, name
@@ -80,6 +85,14 @@ def test_smoke_preset_goes_from_nothing_to_a_table(smoke_run):
     epochs = {path.name.split("-")[0]: read_results(path)["context"]["epochs"]
               for path in (out / "probes").rglob("*.json")}
     assert epochs.pop("knn") is None and set(epochs.values()) == {2}
+    # The pixel control's own lr grid replaces the preset's for its mlp only.
+    grids = {path.name.split("-")[0]: read_results(path)["context"]["config"]["model"]["learning_rates"]
+             for path in (out / "probes" / "shapes-pixels").glob("*.json") if not path.name.startswith("knn")}
+    assert grids == {"mlp": [0.003, 0.0003], "linear": [0.001, 0.0001]}
+    # The preset's threads reach every stage.
+    saved = [path for path in (smoke_run / "runs" / "smoke").rglob("config.yaml")
+             if not any(part.startswith("offline-run") for part in path.parts)]  # LightningCLI's, not W&B's
+    assert saved and all(yaml.safe_load(path.read_text())["threads"] == 2 for path in saved)
     # The replicated controls read the MLP's validation-selected best t.
     replicated = sorted((out / "probes").rglob("replicated/*.json"))
     assert len(replicated) == 2 * 3  # transformer and concat on 2 seeds and the untrained encoder
@@ -160,6 +173,12 @@ def test_js_divergence_is_in_bits():
     m = (p + q) / 2
     expected = 0.5 * np.sum(p * np.log2(p / m)) + 0.5 * np.sum(q * np.log2(q / m))
     assert js_divergence_bits(p, q) == pytest.approx(expected)
+
+
+def test_task_divergence_leaves_out_single_task_encoders():
+    profiles = {"a": {"mean": [0.5, 0.5]}, "b": {"mean": [1.0, 0.0]}}
+    found = task_divergence({("two tasks",): profiles, ("one task",): {"a": profiles["a"]}})
+    assert list(found) == [("two tasks",)] and found[("two tasks",)]["tasks"] == ["a", "b"]
 
 
 @pytest.mark.slow

@@ -129,10 +129,13 @@ def js_divergence_bits(p: list[float], q: list[float]) -> float:
 
 
 def task_divergence(attention: dict[tuple, dict[str, dict]]) -> dict[tuple, dict]:
-    """{encoder: {"tasks", "bits" (tasks x tasks)}} between the mean attention profiles."""
+    """{encoder: {"tasks", "bits" (tasks x tasks)}} between the mean attention profiles, for encoders probed on
+    two tasks or more (one task has nothing to differ from)."""
     found = {}
     for encoder, by_task in attention.items():
         tasks = sorted(by_task)
+        if len(tasks) < 2:
+            continue
         found[encoder] = {"tasks": tasks, "bits": [[js_divergence_bits(by_task[a]["mean"], by_task[b]["mean"])
                                                     for b in tasks] for a in tasks]}
     return found
@@ -297,6 +300,7 @@ def analyse(results_dir: str | Path, out: str | Path, mine_steps: int = 4000, mi
     plot_per_task(accuracy, figure("accuracy_over_t"), "test_", "MLP test accuracy (%)", scale=100)
     if attention:
         plot_per_task(attention, figure("attention_per_task"), "", "CLS attention (share of time tokens)")
+    if divergence:
         plot_heat_maps(divergence, figure("task_divergence"), "tasks", "bits", "JS divergence (bits)")
     if per_class:
         plot_attention_per_class(per_class, figure("attention_per_class"))

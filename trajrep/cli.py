@@ -4,7 +4,7 @@ import os
 import re
 from operator import itemgetter
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal, NoReturn, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -19,6 +19,9 @@ from trajrep.checks import ensure_wandb_ready, ensure_writable
 from trajrep.errors import DEBUG_ENV, TrajrepError, errors_as_one_line
 from trajrep.extract import existing_checkpoint, extract_representations, load_pretrained_weights, read_checkpoint
 from trajrep.pretrain import PretrainModule
+from trajrep.progress import with_progress
+from trajrep.quiet import silence_known_noise
+from trajrep.threads import use_threads
 from trajrep.knn import KNNProbe  # noqa: F401
 from trajrep.probe import ProbeModule  # noqa: F401
 from trajrep.timegrid import build_time_grid
@@ -104,6 +107,8 @@ class TrajrepCLI(LightningCLI):
         # config as its hyperparameters; RepresentationDataModule builds an image datamodule and a PretrainModule,
         # which must keep their own. Datamodules are therefore built plainly.
         self.parser.add_instantiator(instantiate_directly, LightningDataModule, subclasses=True, prepend=True)
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        use_threads(config.get("threads"))
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Also check, before anything runs, the output folder, a W&B login when W&B logs online, and a local
@@ -127,11 +132,18 @@ class TrajrepCLI(LightningCLI):
         elif local:
             existing_checkpoint(path)
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Lightning's, plus a progress line every minute when the progress bar is off."""
+        return with_progress(super().instantiate_trainer(**kwargs))
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--threads", type=Optional[int], default=None,
+                            help="torch CPU threads (default: the CPUs this process may use, from its affinity "
+                                 "mask and cgroup quota; on a shared machine 1 can be many times faster)")
         # A link whose source attribute the datamodule lacks is skipped, so one CLI serves pretraining (image
         # datamodules have `image_shape`) and probing (representation datamodules have `probe_spec`).
         parser.link_arguments("data.image_shape", "model.init_args.image_channels", compute_fn=channels_of,
@@ -145,6 +157,7 @@ class TrajrepCLI(LightningCLI):
 
 def build_cli(args: ArgsType = None, run: bool = True) -> TrajrepCLI:
     """The trajrep CLI on `args`; with run=False only parsed and instantiated (model, data, trainer)."""
+    silence_known_noise()
     return TrajrepCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                       trainer_class=TrajrepTrainer, args=args, run=run, save_config_kwargs={"overwrite": True},
                       parser_class=OneLineErrorParser)

@@ -35,6 +35,15 @@ def user_error(error: BaseException) -> TrajrepError | None:
     return latest if latest is not None and str(latest) in str(error) else None
 
 
+def one_line(message: str) -> str:
+    """The message itself; for an error re-raised from a DataLoader worker (whose text is the worker's whole
+    traceback), the original error's own line."""
+    if "in DataLoader worker process" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{__name__}.TrajrepError: ") else last
+
+
 @contextmanager
 def errors_as_one_line() -> Iterator[None]:
     """For entry points: a user-fixable error ends as one line on stderr and exit code 2 (TRAJREP_DEBUG=1 shows
@@ -45,5 +54,5 @@ def errors_as_one_line() -> Iterator[None]:
         cause = user_error(error)
         if cause is None or os.environ.get(DEBUG_ENV):
             raise
-        print(f"trajrep: error: {cause}", file=sys.stderr)
+        print(f"trajrep: error: {one_line(str(cause))}", file=sys.stderr)
         sys.exit(2)

@@ -7,7 +7,7 @@ their variance; a broken encoder gives nearly constant features, a fraction near
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import lightning.pytorch as pl
 import torch
@@ -155,7 +155,10 @@ class OnlineProbe(pl.Callback):
             return
         if not isinstance(pl_module, PretrainModule) or not isinstance(trainer.datamodule, ImageDataModule):
             raise TrajrepError("OnlineProbe needs a pretraining run: a PretrainModule and an image datamodule")
-        self._take_subset(trainer.datamodule, pl_module.device)
+        self._prepare(pl_module, trainer.datamodule)
+
+    def _prepare(self, pl_module: PretrainModule, datamodule: ImageDataModule) -> None:
+        self._take_subset(datamodule, pl_module.device)
         self._extractor = Extractor(pl_module, list(self.times), self.pass_size).to(pl_module.device)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -170,21 +173,35 @@ class OnlineProbe(pl.Callback):
         if trainer.is_global_zero and (periodic or last) and step != self._last_step:
             self.probe(trainer, pl_module)
 
-    def _encode(self, trainer: pl.Trainer, datamodule: ImageDataModule) -> torch.Tensor:
-        """(N, T, d) float32 features of the subset, in chunks of `pass_size` images."""
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
-            return torch.cat([self._extractor(datamodule.normalize(chunk)).float()
-                              for chunk in self._images.split(self.pass_size)])
+    def measure(self, pl_module: PretrainModule, datamodule: ImageDataModule,
+                forward_context: AbstractContextManager = nullcontext()) -> dict[str, float]:
+        """The probe's numbers for `pl_module`'s encoder as it is now, without a Trainer (for a baseline such as
+        the calibrated untrained encoder); `forward_context` is the precision to encode under."""
+        if self._extractor is None or self._extractor.encoder is not pl_module.encoder:
+            self._prepare(pl_module, datamodule)
+        start = time.perf_counter()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), evaluating(pl_module.encoder), torch.no_grad(), forward_context:
+            features = torch.cat([self._extractor(datamodule.normalize(chunk)).float()
+                                  for chunk in self._images.split(self.pass_size)])
+        metrics = probe_metrics(features, self._labels, self._split[0], self.times,
+                                datamodule.num_classes[self.task], self.ridge)
+        metrics["online/seconds"] = time.perf_counter() - start
+        return metrics
+
+    def pixel_accuracy(self, datamodule: ImageDataModule) -> float:
+        """Held-out accuracy of the same ridge probe on the subset's raw (normalised, flattened) pixels: the
+        reference a representation should approach."""
+        if self._images is None:
+            self._take_subset(datamodule, torch.device("cpu"))
+        pixels = datamodule.normalize(self._images).flatten(1).float()
+        train, labels = self._split[0], self._labels
+        return float(ridge_probe_accuracy(pixels[:train], labels[:train], pixels[train:], labels[train:],
+                                          datamodule.num_classes[self.task], self.ridge))
 
     def probe(self, trainer: pl.Trainer, pl_module: PretrainModule) -> dict[str, float]:
         """Run the probe on the current encoder now, log its numbers at the current step and return them."""
-        start = time.perf_counter()
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), evaluating(pl_module.encoder):
-            features = self._encode(trainer, trainer.datamodule)
-        num_classes = trainer.datamodule.num_classes[self.task]
-        metrics = probe_metrics(features, self._labels, self._split[0], self.times, num_classes, self.ridge)
-        metrics["online/seconds"] = time.perf_counter() - start
+        metrics = self.measure(pl_module, trainer.datamodule, trainer.precision_plugin.forward_context())
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self._last_step = trainer.global_step

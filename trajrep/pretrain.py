@@ -78,8 +78,9 @@ class PretrainModule(pl.LightningModule):
                                    num_res_blocks, tuple(attn_resolutions), dropout, latent_bottleneck)
 
     def configure_model(self) -> None:
+        # Idempotent: Lightning's EMA (WeightAveraging) calls this hook too, before the Trainer does.
         if self.hparams.matmul_precision is not None:  # process-wide: put back in teardown
-            self._previous_matmul_precision = torch.get_float32_matmul_precision()
+            self.__dict__.setdefault("_previous_matmul_precision", torch.get_float32_matmul_precision())
             torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)

@@ -178,9 +178,10 @@ def _cell(value: tuple | None) -> str:
 
 
 def _difference(value: tuple | None) -> str:
+    """mean difference ± 95 % half-width in percent; one seed says it has no interval."""
     if value is None:
         return ""
-    return f"{100 * value[0]:+.2f}" + ("" if value[1] is None else f" ± {100 * value[1]:.2f}")
+    return f"{100 * value[0]:+.2f}" + (" (n = 1, no interval)" if value[1] is None else f" ± {100 * value[1]:.2f}")
 
 
 def _text_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:

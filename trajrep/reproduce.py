@@ -78,8 +78,10 @@ class Dataset:
 @dataclass
 class Preset:
     """What a preset file holds. `probe_args` go to every probe run, `probe_kind_args[kind]` to that kind's only
-    (e.g. head sizes). `replicated` kinds (mixers) run again on the MLP's best single t repeated at every position:
-    their capacity control (for multi-task data, the best t of the first task)."""
+    (e.g. head sizes), `pixel_probe_args[kind]` last to the raw-pixel control's probe of that kind (pixels are far
+    wider than a latent, so their lr grid sits elsewhere). `replicated` kinds (mixers) run again on the MLP's best
+    single t repeated at every position: their capacity control (for multi-task data, the best t of the first task).
+    `threads` is every stage's torch CPU threads (default: the CPUs available to the process)."""
 
     datasets: list[Dataset]
     encoders: list[Encoder]
@@ -91,8 +93,10 @@ class Preset:
                                                         "transformer", "continuous"])
     probe_args: list[str] = field(default_factory=list)
     probe_kind_args: dict[str, list[str]] = field(default_factory=dict)
+    pixel_probe_args: dict[str, list[str]] = field(default_factory=dict)
     replicated: list[str] = field(default_factory=list)
     wandb_project: str | None = None
+    threads: int | None = None
 
 
 def load_preset(path: str | Path) -> Preset:
@@ -103,7 +107,7 @@ def load_preset(path: str | Path) -> Preset:
         config = parser.parse_object({"preset": _read_yaml(path)})
     except Exception as error:  # jsonargparse reports which key is wrong
         raise TrajrepError(f"preset {path} is not valid: {summarise_parser_error(str(error))}") from None
-    preset = parser.instantiate_classes(config).preset
+    preset = parser.instantiate(config).preset
     if preset.replicated and "mlp" not in preset.probes:
         raise TrajrepError(f"preset {path}: the replicated controls ({', '.join(preset.replicated)}) run on the mlp "
                            "probe's best single t; add mlp to probes")
@@ -153,13 +157,16 @@ class Reproduction:
                 f"--trainer.logger.group={self.name}", f"--trainer.logger.name={stage}-{run}",
                 f"--trainer.logger.save_dir={run_dir}"]
 
-    @staticmethod
-    def _run_stage(subcommand: str, args: list[str]) -> None:
+    def _run_stage(self, subcommand: str, args: list[str]) -> None:
         """One `trajrep fit` (or validate), then close its W&B run: Lightning leaves it open, and the next stage
         would reuse it."""
-        cli_main([subcommand, *args])
+        cli_main([subcommand, *args, *self._threads])
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish()
+
+    @property
+    def _threads(self) -> list[str]:
+        return [] if self.preset.threads is None else [f"--threads={self.preset.threads}"]
 
     def _pretrain_args(self, dataset: Dataset, encoder: Encoder, seed: int, run_dir: Path) -> list[str]:
         return ["--config", str(_in_repository(dataset.pretrain_config)), *self.preset.pretrain_args,
@@ -210,7 +217,7 @@ class Reproduction:
         if path.exists():
             return path
         pl.seed_everything(seed)
-        cli = build_cli(self._pretrain_args(dataset, encoder, seed, path.parent), run=False)
+        cli = build_cli([*self._pretrain_args(dataset, encoder, seed, path.parent), *self._threads], run=False)
         calibration = calibrate_untrained(cli.model, cli.datamodule, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
@@ -230,7 +237,8 @@ class Reproduction:
                 path.unlink()
         return None
 
-    def probe(self, run: str, kind: str, dataset: Dataset, data: list[str], encoder: str | None = None) -> Path:
+    def probe(self, run: str, kind: str, dataset: Dataset, data: list[str], encoder: str | None = None,
+              extra: list[str] = ()) -> Path:
         """One probe kind's grid on one run's representations (or pixels), unless its results exist; returns its
         result file. The kNN probe has no training: it runs as `validate`, with the probe options of no kind."""
         folder = self.results / "probes" / run
@@ -241,9 +249,10 @@ class Reproduction:
         name = [f"--model.encoder_name={encoder}"] if encoder else []
         training = [] if kind == "knn" else [*self.preset.probe_args, *dataset.probe_args]
         args = ["--config", str(CONFIGS / "probe" / f"{kind}.yaml"), *data,
-                f"--data.images={json.dumps(dataset.images_config)}", f"--model.results_dir={folder}",
+                f"--data.images={json.dumps(dataset.images_config)}", f"--data.dataset_name={dataset.name}",
+                f"--model.results_dir={folder}",
                 f"--trainer.default_root_dir={run_dir}", *name, *training, *self.preset.probe_kind_args.get(kind, []),
-                *self._logger_args(run.replace("/", "-"), kind, run_dir)]
+                *extra, *self._logger_args(run.replace("/", "-"), kind, run_dir)]
         self._run_stage("validate" if kind == "knn" else "fit", args)
         return self._probe_done(folder, kind)
 
@@ -275,7 +284,8 @@ class Reproduction:
                                           encoder)
             for kind in SINGLE_TIME_KINDS:  # the raw-pixel control, through the same protocol
                 if kind in self.preset.probes:
-                    self.probe(f"{dataset.name}-pixels", kind, dataset, ["--data=PixelProbeData"])
+                    self.probe(f"{dataset.name}-pixels", kind, dataset, ["--data=PixelProbeData"],
+                               extra=self.preset.pixel_probe_args.get(kind, []))
         return report(self.results / "probes", self.results, self.preset.wandb_project, self.name,
                       wandb_dir=self.runs)
 

@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trajrep.errors import TrajrepError
+from trajrep.threads import default_workers
 
 # Bump when the images a dataset produces change for the same settings, so that caches keyed by `identity` go stale.
 DATA_FORMAT_VERSION = 1
@@ -76,13 +77,15 @@ class ImageDataModule(LightningDataModule, ABC):
     (a GPU fast path for small datasets such as CIFAR, 150 MB as uint8): no loader workers, no host copies.
     """
 
-    def __init__(self, batch_size: int = 100, num_workers: int = 0, drop_last: bool = True,
+    def __init__(self, batch_size: int = 100, num_workers: int | None = 0, drop_last: bool = True,
                  device_resident: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise TrajrepError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
+        if num_workers is not None and num_workers < 0:
             raise TrajrepError(f"num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
+        # None (the default of datasets decoded from files): the CPUs available besides the main process, at most 4.
+        self.num_workers = default_workers() if num_workers is None else num_workers
         self._datasets: dict[str, Dataset] = {}
 
     @property
@@ -139,7 +142,7 @@ class ImageDataModule(LightningDataModule, ABC):
         return self._datasets[split]
 
     def _loader(self, split: str, drop_last: bool, **order: Any) -> DataLoader:
-        workers = self.hparams.num_workers
+        workers = self.num_workers
         return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, drop_last=drop_last,
                           num_workers=workers, persistent_workers=workers > 0, **order)
 

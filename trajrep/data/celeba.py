@@ -65,8 +65,8 @@ class CelebA(ImageDataModule):
     folder. `num_train` / `num_test` keep the first n images of a split (small runs)."""
 
     def __init__(self, root: str = "data/celeba", image_size: int = 64, num_train: int | None = None,
-                 num_test: int | None = None, batch_size: int = 100, num_workers: int = 0, drop_last: bool = True,
-                 device_resident: bool = False) -> None:
+                 num_test: int | None = None, batch_size: int = 100, num_workers: int | None = None,
+                 drop_last: bool = True, device_resident: bool = False) -> None:
         super().__init__(batch_size, num_workers, drop_last, device_resident)
         self._folder = Path(root).resolve() / FOLDER
         missing = [name for name in (IMAGES, ATTRIBUTES, PARTITION) if not (self._folder / name).exists()]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
 from trajrep.data.base import SPLITS, ImageDataModule
@@ -32,6 +32,23 @@ def label_tensor(label: int) -> torch.Tensor:
     return torch.tensor(label, dtype=torch.long)
 
 
+def balanced_subset(labels: list[int], size: int, seed: int) -> list[int]:
+    """`size` indices, as equal per class as the classes allow (a small class gives all it has, the others make up
+    the rest), each class's images drawn in a seeded random order; returned in dataset order."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    queues = [[members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+              for _, members in sorted(by_class.items())]
+    chosen: list[int] = []
+    for rank in range(max(map(len, queues), default=0)):  # one image of every class that still has one, per round
+        chosen += [queue[rank] for queue in queues if rank < len(queue)][:size - len(chosen)]
+        if len(chosen) == size:
+            break
+    return sorted(chosen)
+
+
 def find_classes(folder: Path) -> list[str]:
     """Class folder names of one split, sorted as torchvision numbers them."""
     if not folder.is_dir():
@@ -47,7 +64,8 @@ class ImageFolder(ImageDataModule):
     """Images from class folders, resized to `image_size` x `image_size` with `channels` 1 (grey) or 3 (RGB).
 
     `mean` and `std` (one value per channel) standardise the images on the device; leave both unset to keep
-    [0, 1].
+    [0, 1]. `num_train` / `num_test` keep a class-balanced subset of a split (as equal per class as the classes
+    allow), drawn with `subset_seed`; unset keeps every image.
     """
 
     def __init__(
@@ -57,8 +75,11 @@ class ImageFolder(ImageDataModule):
         channels: int = 3,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        num_train: int | None = None,
+        num_test: int | None = None,
+        subset_seed: int = 0,
         batch_size: int = 100,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         drop_last: bool = True,
         device_resident: bool = False,
     ) -> None:
@@ -72,6 +93,9 @@ class ImageFolder(ImageDataModule):
         if mean is not None and (len(mean) != channels or len(std) != channels or min(std) <= 0):
             raise TrajrepError(f"mean and std need {channels} values each (one per channel) and std > 0, "
                                f"got mean {mean}, std {std}")
+        for name, value in (("num_train", num_train), ("num_test", num_test)):
+            if value is not None and value < 1:
+                raise TrajrepError(f"{name} must be >= 1 (or null for every image), got {value}")
         self._root = Path(root).resolve()
         if not self._root.is_dir():
             raise TrajrepError(f"ImageFolder root {self._root} does not exist; expected {LAYOUT}")
@@ -101,13 +125,21 @@ class ImageFolder(ImageDataModule):
         return None if self.hparams.std is None else tuple(self.hparams.std)
 
     def _identity_params(self) -> dict[str, Any]:
-        return {"root": str(self._root), "classes": self.classes}
+        return {"root": str(self._root), "classes": self.classes, "num_train": self.hparams.num_train,
+                "num_test": self.hparams.num_test, "subset_seed": self.hparams.subset_seed}
 
     def _load(self, split: str) -> Dataset:
         size = self.hparams.image_size
         transform = transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()])
         mode = "RGB" if self.hparams.channels == 3 else "L"
         # allow_empty: a class may have no images in one split; numbering still follows the class folders.
-        return torchvision.datasets.ImageFolder(str(self._root / split), transform=transform,
-                                                target_transform=label_tensor, loader=partial(load_image, mode=mode),
-                                                allow_empty=True)
+        images = torchvision.datasets.ImageFolder(str(self._root / split), transform=transform,
+                                                  target_transform=label_tensor,
+                                                  loader=partial(load_image, mode=mode), allow_empty=True)
+        keep = self.hparams.num_train if split == "train" else self.hparams.num_test
+        if keep is None:
+            return images
+        if keep > len(images):
+            raise TrajrepError(f"num_{split} {keep} exceeds the {len(images)} {split} images in "
+                               f"{self._root / split}; lower it or set it to null")
+        return Subset(images, balanced_subset(images.targets, keep, self.hparams.subset_seed))

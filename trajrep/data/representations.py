@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from trajrep.data.base import ImageDataModule
 from trajrep.data.cache import RepresentationCache, cache_key
 from trajrep.errors import TrajrepError
+from trajrep.progress import with_progress
 from trajrep.similarity import linear_cka
 from trajrep.timegrid import build_time_grid, select_times
 
@@ -154,7 +155,8 @@ class RepresentationDataModule(ProbeData):
     The cache is keyed by the extracted weights, the time grid, the dataset and the format, so it is rebuilt
     whenever one of them changes and reused otherwise. `num_classes`, `feature_dim`, `num_times` and `times` are
     known right after construction, for the CLI's argument links. The train/validation split of the official
-    training set is fixed by `split_seed`, identical for every probe.
+    training set is fixed by `split_seed`, identical for every probe. `dataset_name` is what tables and figures
+    call the data (a preset passes its dataset's name); by default the image datamodule's class name.
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class RepresentationDataModule(ProbeData):
         recompute: bool = False,
         standardize: bool = True,
         replicate_time: float | None = None,
+        dataset_name: str | None = None,
     ) -> None:
         # Local import: the probe side reaches the pretraining side only to build a missing cache.
         from trajrep.extract import extraction_identity, load_pretrained_model
@@ -193,7 +196,7 @@ class RepresentationDataModule(ProbeData):
         identity = extraction_identity(model, images, grid, ema, dtype, ("train", "test"))
         self.cache_path = Path(cache_dir) / cache_key(identity)
         self.metadata.update({
-            "dataset": images.identity()["dataset"].rsplit(".", 1)[-1],
+            "dataset": dataset_name or type(images).__name__,
             "encoder_mode": model.hparams.mode,
             "latent_dim": self.feature_dim,
             "pretrain_seed": model.pretrain_seed,
@@ -210,7 +213,9 @@ class RepresentationDataModule(ProbeData):
 
         if self.cache_path.exists() and not self.hparams.recompute:
             return
-        trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
+        bars = self.trainer is None or self.trainer.progress_bar_callback is not None  # as the run it serves
+        trainer = with_progress(pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                                           enable_progress_bar=bars))
         extract_representations(trainer, self._model, self.images, self.grid, self.hparams.ema, self.hparams.dtype,
                                 self.hparams.cache_dir, batch_size=self.hparams.extract_batch_size,
                                 recompute=self.hparams.recompute, checkpoint=self.hparams.checkpoint)
@@ -229,11 +234,12 @@ class RepresentationDataModule(ProbeData):
 
 class PixelProbeData(ProbeData):
     """The raw-pixel control: each image's normalised pixels as one representation (N, 1, C*H*W), split into
-    train/val exactly as RepresentationDataModule splits the same images. Probe it with the `mlp` head."""
+    train/val exactly as RepresentationDataModule splits the same images (`dataset_name` as there). Probe it with
+    the single-t heads (mlp, linear) or kNN."""
 
     def __init__(self, images: ImageDataModule, val_fraction: float = 0.1, split_seed: int = 0,
                  seeds: list[int] = [0, 1, 2, 3, 4], batch_size: int = 256, eval_batch_size: int = 1024,
-                 standardize: bool = True) -> None:
+                 standardize: bool = True, dataset_name: str | None = None) -> None:
         check_val_fraction(val_fraction)
         channels, height, width = images.image_shape
         super().__init__([0.0], images.num_classes, images.task_names, channels * height * width, seeds, batch_size,
@@ -241,7 +247,7 @@ class PixelProbeData(ProbeData):
         self.save_hyperparameters(ignore=["images"])
         self.images = images
         identity = images.identity()
-        self.metadata.update({"dataset": identity["dataset"].rsplit(".", 1)[-1], "encoder_mode": "pixels",
+        self.metadata.update({"dataset": dataset_name or type(images).__name__, "encoder_mode": "pixels",
                               "latent_dim": self.feature_dim, "pretrain_seed": None, "pretrain_steps": None,
                               "cache_key": "pixels-" + cache_key(identity)})
 

@@ -1,0 +1,85 @@
+"""ProgressLog: a progress line every minute or so, and a summary at the end, when progress bars are off.
+
+Presets and batch jobs turn bars off (they flood log files); without this a 30-minute pretraining would print
+nothing between its start and its end. The trajrep CLI adds it to every Trainer whose progress bar is disabled.
+"""
+
+import time
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def duration(seconds: float) -> str:
+    """12 s, 4.5 min, 2.1 h."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def with_progress(trainer: pl.Trainer) -> pl.Trainer:
+    """The Trainer, with a ProgressLog added when it shows no progress bar and has none."""
+    if trainer.progress_bar_callback is None and not any(isinstance(c, ProgressLog) for c in trainer.callbacks):
+        trainer.callbacks.append(ProgressLog())
+    return trainer
+
+
+def latest_numbers(trainer: pl.Trainer, limit: int = 3) -> str:
+    """The last logged training losses and accuracies, e.g. 'train/loss 48.1'."""
+    shown = [(key, value) for key, value in trainer.callback_metrics.items()
+             if key.startswith("train") and ("loss" in key or "acc" in key) and value.numel() == 1]
+    return ", ".join(f"{key} {float(value):.4g}" for key, value in shown[:limit])
+
+
+class ProgressLog(pl.Callback):
+    """Every `every_seconds` (checked at batch ends), one line: what runs, how far (step or batch of how many),
+    the rate, an ETA and the latest training numbers; at the end of training or prediction, one summary line."""
+
+    def __init__(self, every_seconds: float = 60.0) -> None:
+        self.every_seconds = every_seconds
+        self._start = self._last_print = 0.0
+        self._first = self._predicted = 0
+
+    def _begin(self, done: int) -> None:
+        self._start = self._last_print = time.perf_counter()
+        self._first = done
+
+    def _maybe_print(self, what: str, done: int, total: float, numbers: str = "") -> None:
+        now = time.perf_counter()
+        if now - self._last_print < self.every_seconds:
+            return
+        self._last_print = now
+        rate = (done - self._first) / max(now - self._start, 1e-9)
+        left = f", ETA {duration((total - done) / rate)}" if rate > 0 and total != float("inf") else ""
+        of = "" if total == float("inf") else f"/{int(total)} ({100 * done / total:.0f} %)"
+        rank_zero_info(f"{what} {done}{of}, {rate:.3g}/s{left}" + (f"; {numbers}" if numbers else ""))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin(trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        self._maybe_print(f"{type(pl_module).__name__} fit, epoch {trainer.current_epoch}, step", trainer.global_step,
+                          trainer.estimated_stepping_batches, latest_numbers(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = time.perf_counter() - self._start
+        steps = trainer.global_step - self._first
+        numbers = latest_numbers(trainer)
+        rank_zero_info(f"{type(pl_module).__name__} fit done: {steps} steps in {duration(seconds)} "
+                       f"({steps / max(seconds, 1e-9):.3g} steps/s), at step {trainer.global_step}"
+                       + (f"; {numbers}" if numbers else ""))
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin(0)
+        self._predicted = 0
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._predicted += 1
+        self._maybe_print(f"{type(pl_module).__name__} predict, batch", self._predicted,
+                          sum(trainer.num_predict_batches))
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = time.perf_counter() - self._start
+        rank_zero_info(f"{type(pl_module).__name__} predict done: {self._predicted} batches in {duration(seconds)}")

@@ -1,0 +1,254 @@
+"""Regime search: many pretraining runs, each watched by the online trajectory probe, in one table and figure.
+
+    python -m trajrep.regime configs/regime/fashion.yaml      -> results/regime/<sweep>/table.md, online.png
+
+Which settings make the encoder (a) a real representation and (b) depend on t? Answering with the whole pipeline
+costs an extraction and dozens of probe grids per setting; the OnlineProbe callback (a ridge probe per t, CKA between
+the first and last t) answers it from the pretraining run itself. A sweep file (the `Sweep` fields) names a
+pretraining config, options for every run and the runs (a name and their own options). Every run resumes from its
+last checkpoint and is skipped once it finished, so a sweep longer than a sitting continues where it stopped and a
+new run added to the file trains only that run. Two references, measured by the same probe on the same images:
+raw pixels and the untrained encoder with calibrated BatchNorm (the random-features control).
+"""
+
+import argparse
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+import yaml  # noqa: E402
+from jsonargparse import ArgumentParser  # noqa: E402
+
+from trajrep.cli import build_cli, main as cli_main, summarise_parser_error  # noqa: E402
+from trajrep.errors import TrajrepError, errors_as_one_line  # noqa: E402
+from trajrep.nn.encoder import stage_widths  # noqa: E402
+from trajrep.online_probe import OnlineProbe, time_name  # noqa: E402
+from trajrep.reproduce import calibrate_untrained  # noqa: E402
+
+
+@dataclass
+class SweepRun:
+    """One pretraining setting: a name for its folder and row, and the CLI options that make it."""
+
+    name: str
+    args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sweep:
+    """What a sweep file holds: the pretraining config, options for every run (before each run's own), the runs
+    and the seed of all of them (also the untrained reference's)."""
+
+    pretrain_config: str
+    runs: list[SweepRun]
+    args: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and check a sweep file (unknown keys and repeated run names fail here)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrajrepError(f"sweep file {path} not found; the sweeps are in configs/regime/")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Sweep, nested_key="sweep")
+    try:
+        config = parser.parse_object({"sweep": yaml.safe_load(path.read_text())})
+    except Exception as error:
+        raise TrajrepError(f"sweep {path} is not valid: {summarise_parser_error(str(error))}") from None
+    sweep = parser.instantiate(config).sweep
+    names = [run.name for run in sweep.runs]
+    if len(set(names)) != len(names):
+        raise TrajrepError(f"sweep {path}: run names must differ, got {names}")
+    return sweep
+
+
+def online_rows(run_dir: Path) -> list[dict[str, float]]:
+    """The online probe's logged rows of a run (every resumed version in order), as floats, by step."""
+    rows = {}
+    for metrics in sorted(run_dir.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        with metrics.open() as file:
+            for row in csv.DictReader(file):
+                online = {key: float(value) for key, value in row.items() if key.startswith("online/") and value}
+                if online:
+                    rows[int(row["step"])] = {"step": int(row["step"]), **online}
+    return [rows[step] for step in sorted(rows)]
+
+
+def run_settings(run_dir: Path) -> dict:
+    """Mode, latent size, regulariser weight, lr, batch size and data of a run, from the config LightningCLI saved."""
+    saved = sorted(run_dir.glob("lightning_logs/version_*/config.yaml"), key=lambda p: int(p.parent.name[8:]))
+    config = yaml.safe_load(saved[-1].read_text())
+    model, data = config["model"]["init_args"], config["data"]
+    return {"mode": model["mode"], "latent_dim": stage_widths(model["widen_factor"])[-1],
+            "reg_weight": model["reg_weight"], "lr": model["lr"], "batch_size": data["init_args"]["batch_size"],
+            "data": data["class_path"].rsplit(".", 1)[-1], "precision": config["trainer"]["precision"]}
+
+
+class RegimeSweep:
+    """The runs of one sweep file and their summary; each run trains, resumes or is skipped."""
+
+    def __init__(self, sweep: Sweep, name: str, runs: Path, results: Path) -> None:
+        self.sweep, self.name = sweep, name
+        self.runs, self.results = runs / name, results / name
+
+    def _args(self, run: SweepRun, run_dir: Path) -> list[str]:
+        # The checkpoint folder right after the config, while ModelCheckpoint is still the last callback there.
+        return ["--config", self.sweep.pretrain_config, "--trainer.callbacks.init_args.dirpath",
+                str(run_dir / "checkpoints"), *self.sweep.args, *run.args, f"--seed_everything={self.sweep.seed}",
+                f"--trainer.default_root_dir={run_dir}"]
+
+    def train(self, run: SweepRun) -> None:
+        """Fit (or resume) one run unless it finished; the seconds of every fit call add up in wall.json (a
+        killed call's seconds are not counted)."""
+        run_dir = self.runs / run.name
+        if (run_dir / "DONE").exists():
+            return
+        last = run_dir / "checkpoints" / "last.ckpt"
+        print(f"trajrep regime: {'resuming' if last.exists() else 'training'} {run.name}", flush=True)
+        start = time.perf_counter()
+        cli_main(["fit", *self._args(run, run_dir), *(["--ckpt_path", str(last)] if last.exists() else [])])
+        wall = run_dir / "wall.json"
+        before = json.loads(wall.read_text())["seconds"] if wall.exists() else 0.0
+        wall.write_text(json.dumps({"seconds": before + time.perf_counter() - start}) + "\n")
+        (run_dir / "DONE").write_text("fit returned\n")
+
+    def _online_probe(self, run: SweepRun) -> tuple[OnlineProbe, object]:
+        """A run's OnlineProbe and its LightningCLI, built (not trained) from the run's options."""
+        cli = build_cli(self._args(run, self.runs / run.name / "untrained"), run=False)
+        probes = [callback for callback in cli.trainer.callbacks if isinstance(callback, OnlineProbe)]
+        if not probes:
+            raise TrajrepError(f"{self.sweep.pretrain_config} has no OnlineProbe callback; the sweep reads its "
+                               "numbers (add it to trainer.callbacks)")
+        cli.datamodule.setup("fit")
+        return probes[0], cli
+
+    def untrained_accuracy(self, run: SweepRun) -> float:
+        """Best-t online accuracy of the run's architecture untrained, BatchNorm calibrated (the random-features
+        control), on the probe's images; kept in the run's untrained.json."""
+        path = self.runs / run.name / "untrained.json"
+        if not path.exists():
+            probe, cli = self._online_probe(run)
+            calibrate_untrained(cli.model, cli.datamodule, self.sweep.seed)
+            metrics = probe.measure(cli.model, cli.datamodule)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"best": max(metrics[f"online/acc_{time_name(t)}"] for t in probe.times),
+                                        **metrics}, indent=1) + "\n")
+        return json.loads(path.read_text())["best"]
+
+    def pixel_accuracy(self) -> float:
+        """The same probe on raw pixels of the first run's data; kept in pixels.json."""
+        path = self.runs / "pixels.json"
+        if not path.exists():
+            probe, cli = self._online_probe(self.sweep.runs[0])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"accuracy": probe.pixel_accuracy(cli.datamodule)}) + "\n")
+        return json.loads(path.read_text())["accuracy"]
+
+    def summary(self) -> list[dict]:
+        """One row per run that logged an online probe: its settings, steps, wall time and final numbers."""
+        rows = []
+        for run in self.sweep.runs:
+            run_dir = self.runs / run.name
+            logged = online_rows(run_dir)
+            if not logged:
+                continue
+            final = logged[-1]
+            accuracy = {key.split("_", 1)[1]: value for key, value in final.items() if key.startswith("online/acc_")}
+            cka = next(value for key, value in final.items() if key.startswith("online/cka_"))
+            wall = run_dir / "wall.json"
+            rows.append({"name": run.name, **run_settings(run_dir), "steps": final["step"],
+                         "untrained": self.untrained_accuracy(run),
+                         "finished": (run_dir / "DONE").exists(),
+                         "wall_minutes": json.loads(wall.read_text())["seconds"] / 60 if wall.exists() else None,
+                         "accuracy": accuracy, "best": max(accuracy.values()),
+                         "spread": max(accuracy.values()) - min(accuracy.values()), "cka": cka,
+                         "between_image_fraction": final["online/between_image_fraction"], "curve": logged})
+        return rows
+
+    def run(self) -> Path:
+        for run in self.sweep.runs:
+            self.train(run)
+        return self.write()
+
+    def write(self) -> Path:
+        """table.md, runs.json and online.png under results/<sweep>/, from what the runs logged so far."""
+        rows, pixels = self.summary(), self.pixel_accuracy()
+        self.results.mkdir(parents=True, exist_ok=True)
+        (self.results / "runs.json").write_text(json.dumps({"pixels": pixels, "runs": rows}, indent=1) + "\n")
+        times = list(rows[0]["accuracy"]) if rows else []
+        header = ["run", "mode", "d_z", "reg weight", "lr", "batch", "data", "steps", "wall (min)",
+                  *(f"acc {t} (%)" for t in times), "best - worst t", "untrained (%)", "best - untrained",
+                  "best - pixels",
+                  "CKA(first t, last t)"]
+        lines = [f"Online ridge probe (held-out accuracy per t; {self.sweep.pretrain_config}) at each run's last logged "
+                 f"step; on the same images, raw pixels reach {100 * pixels:.1f} % and each run's architecture "
+                 "untrained, BatchNorm calibrated, the accuracy in 'untrained'. Runs marked * have not finished.", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            wall = "-" if row["wall_minutes"] is None else f"{row['wall_minutes']:.0f}"
+            cells = [row["name"] + ("" if row["finished"] else " *"), row["mode"], row["latent_dim"],
+                     f"{row['reg_weight']:g}", f"{row['lr']:g}", row["batch_size"], row["data"], row["steps"], wall,
+                     *(f"{100 * row['accuracy'][t]:.1f}" for t in times), f"{100 * row['spread']:.1f}",
+                     f"{100 * row['untrained']:.1f}", f"{100 * (row['best'] - row['untrained']):+.1f}",
+                     f"{100 * (row['best'] - pixels):+.1f}", f"{row['cka']:.3f}"]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        (self.results / "table.md").write_text("\n".join(lines) + "\n")
+        plot_online_curves(rows, pixels, self.results / "online.png")
+        return self.results / "table.md"
+
+
+def plot_online_curves(rows: list[dict], pixels: float, path: Path) -> None:
+    """Best-t online accuracy and CKA(first t, last t) over pretraining steps, one line per run (its untrained
+    architecture as a dotted line of the same colour)."""
+    if not rows:
+        return
+    figure, (accuracy, cka) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.get_cmap("tab20")(range(len(rows)))
+    for row, colour in zip(rows, colours):
+        steps = [point["step"] for point in row["curve"]]
+        best = [100 * max(v for k, v in point.items() if k.startswith("online/acc_")) for point in row["curve"]]
+        similarity = [next(v for k, v in point.items() if k.startswith("online/cka_")) for point in row["curve"]]
+        accuracy.plot(steps, best, "o-", color=colour, label=row["name"], markersize=3)
+        accuracy.axhline(100 * row["untrained"], color=colour, ls=":", lw=1)
+        cka.plot(steps, similarity, "o-", color=colour, markersize=3)
+    accuracy.axhline(100 * pixels, color="black", ls="--", label="raw pixels")
+    accuracy.plot([], [], color="grey", ls=":", lw=1, label="dotted: the run's encoder untrained (calibrated)")
+    accuracy.set(xlabel="pretraining step", ylabel="held-out accuracy at the best t (%)",
+                 title="Is it a representation? (online ridge probe)")
+    cka.set(xlabel="pretraining step", ylabel="linear CKA(E(x, first t), E(x, last t))",
+            title="Does it depend on t? (1 = the same at every t)")
+    cka.set_ylim(min(0.0, *(math.floor(10 * p[k]) / 10 for r in rows for p in r["curve"] for k in p
+                            if k.startswith("online/cka_"))), 1.02)
+    figure.tight_layout(rect=(0, 0.22, 1, 1))
+    handles, labels = accuracy.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run a regime sweep's pretraining runs (skipping finished ones) "
+                                                 "and tabulate their online probes.")
+    parser.add_argument("sweep", help="a sweep file, e.g. configs/regime/fashion.yaml")
+    parser.add_argument("--runs", default="runs/regime", help="checkpoints and logs (default: runs/regime)")
+    parser.add_argument("--results", default="results/regime", help="table and figure (default: results/regime)")
+    parser.add_argument("--summary-only", action="store_true", help="tabulate what the runs logged so far, train "
+                        "nothing (e.g. while a sweep runs)")
+    options = parser.parse_args(args)
+    with errors_as_one_line():
+        sweep = load_sweep(options.sweep)
+        regime = RegimeSweep(sweep, Path(options.sweep).stem, Path(options.runs), Path(options.results))
+        out = regime.write() if options.summary_only else regime.run()
+    print(f"trajrep regime: {out}")
+
+
+if __name__ == "__main__":
+    main()
