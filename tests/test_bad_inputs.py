@@ -3,16 +3,23 @@ that says what is wrong (and how to fix it), with no traceback."""
 
 import json
 import pathlib
+import re
+import tempfile
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import QUICKSTART, REPO, tiny_fit_args
-from trajrep.cli import main
+from trajrep.cli import build_cli, main
+from trajrep.data import ImageFolder
 from trajrep.data.cache import FORMAT_VERSION
 from trajrep.data.representations import ProbeData
 from trajrep.errors import TrajrepError
+from trajrep.report import main as report_main
+from trajrep.reproduce import load_preset
+from trajrep.threads import available_cpus
 
 
 @pytest.fixture(autouse=True)
@@ -191,3 +198,120 @@ def test_wandb_without_login_or_offline_mode(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
     error = one_line_error(fit("--trainer.logger=WandbLogger", f"--trainer.default_root_dir={tmp_path}"), capsys)
     assert "wandb login" in error and "WANDB_MODE=offline" in error
+
+
+# --- what users hit next (#20): more configurations, data trees and presets ------------------------------------
+
+def image_tree(root: pathlib.Path, per_class: int = 4) -> pathlib.Path:
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (40 * i, 100, 200)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def folder_fit(root: pathlib.Path, *extra: str) -> list[str]:
+    return fit("--data=ImageFolder", f"--data.root={root}", "--data.batch_size=4", "--data.num_workers=0",
+               f"--trainer.default_root_dir={root / 'run'}", "--trainer.limit_val_batches=0", *extra)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (fit("--data.init_args.batch_size=0"), "batch_size must be >= 1, got 0"),
+    (["fit", "--config", "configs"], "Path is not a file"),
+    (fit(f"--trainer.devices={available_cpus() + 1}", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"),
+     "needs a CPU per process"),
+], ids=["batch-size-0", "config-is-a-folder", "more-cpu-processes-than-cpus"])
+def test_more_bad_configurations_are_one_line(args, expected, capsys):
+    assert expected in one_line_error(args, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_asking_for_a_gpu_on_a_machine_without_one_is_one_line(capsys):
+    assert "No supported gpu backend" in one_line_error(fit("--trainer.accelerator=gpu"), capsys)
+
+
+def test_fp16_mixed_precision_on_cpu_runs_as_bf16(tmp_path):
+    cli = build_cli(tiny_fit_args(tmp_path, 1, "--trainer.precision=16-mixed", "--trainer.accelerator=cpu")[1:],
+                    run=False)
+    assert cli.trainer.precision == "bf16-mixed"
+
+
+def test_image_size_the_score_net_cannot_halve_is_one_line(tmp_path, capsys):
+    error = one_line_error(folder_fit(image_tree(tmp_path), "--data.image_size=30"), capsys)
+    assert "image size must be a multiple of 4; got 30" in error
+
+
+def test_zero_byte_image_file_is_named(tmp_path, capsys):
+    root = image_tree(tmp_path)
+    (root / "train" / "cat" / "empty.png").write_bytes(b"")
+    assert "cat/empty.png" in one_line_error(folder_fit(root, "--trainer.max_steps=2"), capsys)
+
+
+def test_image_folder_ignores_other_files_converts_grey_and_keeps_empty_classes():
+    # Not errors: a README beside the images is skipped, a grey image is converted to RGB like the others, and an
+    # empty class folder keeps the numbering of the classes after it.
+    with tempfile.TemporaryDirectory() as folder:
+        root = image_tree(pathlib.Path(folder))
+        (root / "train" / "cat" / "README.txt").write_text("notes")
+        Image.new("L", (20, 20), 128).save(root / "train" / "dog" / "grey.png")
+        for split in ("train", "test"):
+            (root / split / "ant").mkdir()
+        data = ImageFolder(root=str(root), num_workers=0)
+        images, labels = map(torch.stack, zip(*(data.dataset("train")[i] for i in range(len(data.dataset("train"))))))
+        assert data.num_classes == [3] and len(labels) == 9  # ant, cat, dog; 4 + 5 images, no README
+        assert labels.tolist() == [1] * 4 + [2] * 5 and images.shape[1] == 3
+
+
+@pytest.mark.parametrize("option, expected", [
+    ("--data.granularities=[0]", "granularity must be a positive integer, got 0"),
+    ('--data.times=["a","b"]', "data.times: Expected a <class 'float'>"),
+    ("--data.val_fraction=0.999", "leaves 0 to train on"),
+], ids=["granularity-0", "times-as-strings", "no-training-images-left"])
+def test_more_bad_probe_data_is_one_line(option, expected, tiny_checkpoint, tmp_path, capsys):
+    assert expected in one_line_error(probe(tiny_checkpoint, tmp_path, option), capsys)
+
+
+def test_misspelled_head_option_is_one_line_with_the_options(tiny_checkpoint, tmp_path, capsys):
+    args = probe(tiny_checkpoint, tmp_path, "--config", str(REPO / "configs" / "probe" / "transformer.yaml"),
+                 f"--data.checkpoint={tiny_checkpoint}", '--model.head_kwargs={"d_modle": 8}')
+    error = one_line_error(args, capsys)
+    assert "'d_modle' not an option of the transformer head" in error and "d_model" in error
+
+
+def test_probing_a_checkpoint_on_images_of_another_shape_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    error = one_line_error(probe(tiny_checkpoint, tmp_path, "--data.images=FashionMNIST",
+                                 "--data.images.init_args.num_train=64", "--data.images.init_args.num_test=48"), capsys)
+    assert "pretrained on 3-channel 32 px images but FashionMNIST serves 1-channel" in error
+
+
+def smoke_preset_with(tmp_path: pathlib.Path, change) -> pathlib.Path:
+    preset = yaml.safe_load((REPO / "configs" / "presets" / "smoke.yaml").read_text())
+    change(preset)
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda p: p.update(probes=["mlp", "transfomer"]), "unknown probe kind(s) 'transfomer'"),
+    (lambda p: p.update(probe_kind_args={"transfomer": ["--x"]}), "probe_kind_args has options for 'transfomer'"),
+    (lambda p: p.update(datasets=p["datasets"] * 2), "dataset names must differ"),
+    (lambda p: p["encoders"][0]["args"].append("--model.init_args.widht=3"), "Option 'widht' is not accepted"),
+    (lambda p: p["datasets"][0].update(images="Shapes"), "'Shapes' is not a trajrep image datamodule"),
+    (lambda p: p["datasets"][0].update(pretrain_config="configs/nope.yaml"), "configs/nope.yaml is not a file"),
+], ids=["unknown-kind", "stray-kind-args", "repeated-dataset", "encoder-option-typo", "unknown-images",
+        "missing-pretrain-config"])
+def test_a_bad_preset_fails_before_any_stage(change, expected, tmp_path):
+    with pytest.raises(TrajrepError, match=re.escape(expected)):
+        load_preset(smoke_preset_with(tmp_path, change))
+
+
+def test_a_hand_edited_result_file_is_refused_by_the_report(tiny_checkpoint, tmp_path, capsys):
+    main(probe(tiny_checkpoint, tmp_path))
+    (record,) = (tmp_path / "results").rglob("*.json")
+    record.write_text(record.read_text().replace('"test_acc_mean": 0.', '"test_acc_mean": 0.9', 1))
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(tmp_path / "results"), "--out", str(tmp_path / "report")])
+    assert exit_info.value.code == 2
+    assert "was modified or truncated (checksum mismatch); delete it and rerun the probe" in capsys.readouterr().err

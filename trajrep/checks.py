@@ -42,3 +42,18 @@ def ensure_wandb_ready() -> None:
         return
     raise TrajrepError("W&B logging was asked for but there is no W&B login: run `wandb login` (or set "
                        "WANDB_API_KEY), or log offline with WANDB_MODE=offline and upload later with `wandb sync`")
+
+
+def ensure_trainer_fits_machine(trainer) -> None:
+    """A CPU run must not ask for more processes than the CPUs it may use: each would crawl. (fp16 mixed precision
+    on CPU needs no check: Lightning runs it as bf16-mixed and says so.)"""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from trajrep.threads import available_cpus
+
+    if not isinstance(trainer.accelerator, CPUAccelerator):
+        return
+    cpus = available_cpus()
+    if trainer.num_devices > cpus:
+        raise TrajrepError(f"trainer.devices {trainer.num_devices} on CPU needs a CPU per process, and this process "
+                           f"may use {cpus}; set --trainer.devices to {cpus} or fewer")

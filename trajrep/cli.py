@@ -15,7 +15,7 @@ from trajrep.online_probe import OnlineProbe  # noqa: F401
 from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, ImageDataModule,  # noqa: F401
                           ImageFolder, SyntheticShapes)
 from trajrep.data.representations import PixelProbeData, RepresentationDataModule  # noqa: F401
-from trajrep.checks import ensure_wandb_ready, ensure_writable
+from trajrep.checks import ensure_trainer_fits_machine, ensure_wandb_ready, ensure_writable
 from trajrep.errors import DEBUG_ENV, TrajrepError, errors_as_one_line
 from trajrep.extract import existing_checkpoint, extract_representations, load_pretrained_weights, read_checkpoint
 from trajrep.pretrain import PretrainModule
@@ -133,8 +133,10 @@ class TrajrepCLI(LightningCLI):
             existing_checkpoint(path)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Lightning's, plus a progress line every minute when the progress bar is off."""
-        return with_progress(super().instantiate_trainer(**kwargs))
+        """Lightning's, checked against the machine, plus a progress line every minute when the bar is off."""
+        trainer = super().instantiate_trainer(**kwargs)
+        ensure_trainer_fits_machine(trainer)
+        return with_progress(trainer)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

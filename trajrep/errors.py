@@ -32,7 +32,12 @@ def user_error(error: BaseException) -> TrajrepError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     latest = TrajrepError.latest
-    return latest if latest is not None and str(latest) in str(error) else None
+    if latest is not None and str(latest) in str(error):
+        return latest
+    if type(error).__name__ == "MisconfigurationException":  # Lightning's word for a Trainer setting it refuses
+        return TrajrepError(f"{error} (a Trainer setting: check --trainer.accelerator, devices, strategy and "
+                            "precision; `trajrep fit --help`)")
+    return None
 
 
 def one_line(message: str) -> str:

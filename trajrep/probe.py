@@ -7,6 +7,7 @@ the results are written as JSON records (trajrep.results).
 """
 
 import copy
+import inspect
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,19 @@ def result_context(module: pl.LightningModule, probe: str, epochs: int | None) -
         "epochs": epochs,
         "config": {"model": dict(module.hparams), "data": dict(getattr(datamodule, "hparams", {}))},
     }
+
+
+# What every head gets from the module itself, so not settable through head_kwargs.
+MODULE_HEAD_ARGS = {"self", "num_members", "feature_dim", "num_times", "num_classes", "seeds", "time_index"}
+
+
+def check_head_kwargs(kind: str, head_kwargs: dict[str, Any]) -> None:
+    """head_kwargs must name options of the chosen head (a typo would otherwise end in a deep TypeError)."""
+    options = sorted(set(inspect.signature(HEADS[kind].__init__).parameters) - MODULE_HEAD_ARGS)
+    unknown = sorted(set(head_kwargs) - set(options))
+    if unknown:
+        raise TrajrepError(f"head_kwargs {', '.join(map(repr, unknown))} not an option of the {kind} head; its "
+                           f"options are: {', '.join(options) or 'none'}")
 
 
 class MemberAccuracy(Metric):
@@ -99,6 +113,7 @@ class ProbeModule(pl.LightningModule):
             raise TrajrepError(f"unknown probe head {kind!r}; valid kinds: {', '.join(sorted(HEADS))}")
         if not learning_rates or min(learning_rates) <= 0:
             raise TrajrepError(f"learning rates must be positive, got {learning_rates}")
+        check_head_kwargs(kind, head_kwargs or {})
         self.save_hyperparameters()
         self.automatic_optimization = False
         # Mixers are clipped at 1.0 (SPEC §7) unless told otherwise; the MLP-style heads are not.

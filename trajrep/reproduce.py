@@ -14,6 +14,8 @@ pixels. Outputs: runs/<preset>/ (checkpoints, logs; not in git), results/<preset
 """
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -25,10 +27,12 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import ArgumentParser
 
+import trajrep.data
 from trajrep.checks import ensure_wandb_ready, ensure_writable
 from trajrep.cli import build_cli, main as cli_main, summarise_parser_error
 from trajrep.data.base import ImageDataModule
 from trajrep.errors import TrajrepError, errors_as_one_line
+from trajrep.nn.probes import HEADS
 from trajrep.pretrain import PretrainModule
 from trajrep.report import report
 from trajrep.results import read_results
@@ -108,10 +112,55 @@ def load_preset(path: str | Path) -> Preset:
     except Exception as error:  # jsonargparse reports which key is wrong
         raise TrajrepError(f"preset {path} is not valid: {summarise_parser_error(str(error))}") from None
     preset = parser.instantiate(config).preset
-    if preset.replicated and "mlp" not in preset.probes:
-        raise TrajrepError(f"preset {path}: the replicated controls ({', '.join(preset.replicated)}) run on the mlp "
-                           "probe's best single t; add mlp to probes")
+    check_preset(preset, f"preset {path}")
     return preset
+
+
+def check_preset(preset: Preset, where: str) -> None:
+    """Everything a preset names, checked before its first stage runs: head kinds, the kinds its per-kind options
+    are for, unique names, config files, image classes, and every encoder's pretraining options (parsed, not run)."""
+    kinds = {*HEADS, "knn"}
+    unknown = [kind for kind in [*preset.probes, *preset.replicated] if kind not in kinds]
+    if unknown:
+        raise TrajrepError(f"{where}: unknown probe kind(s) {', '.join(map(repr, unknown))}; valid kinds: "
+                           f"{', '.join(sorted(kinds))}")
+    if preset.replicated and "mlp" not in preset.probes:
+        raise TrajrepError(f"{where}: the replicated controls ({', '.join(preset.replicated)}) run on the mlp "
+                           "probe's best single t; add mlp to probes")
+    for key, allowed in (("probe_kind_args", preset.probes),
+                         ("pixel_probe_args", [k for k in SINGLE_TIME_KINDS if k in preset.probes])):
+        stray = [kind for kind in getattr(preset, key) if kind not in allowed]
+        if stray:
+            raise TrajrepError(f"{where}: {key} has options for {', '.join(map(repr, stray))}, which the preset does "
+                               f"not run (its kinds here: {', '.join(allowed)}); fix the key or add the kind")
+    for what, names in (("dataset", [d.name for d in preset.datasets]), ("encoder", [e.name for e in preset.encoders])):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise TrajrepError(f"{where}: {what} names must differ (their runs and rows are named by them); "
+                               f"repeated: {', '.join(repeated)}")
+    for dataset in preset.datasets:
+        config = _in_repository(dataset.pretrain_config)
+        if not config.is_file():
+            raise TrajrepError(f"{where}: dataset {dataset.name}'s pretrain_config {dataset.pretrain_config} is not a "
+                               "file")
+        if "." not in dataset.images and not isinstance(getattr(trajrep.data, dataset.images, None), type):
+            raise TrajrepError(f"{where}: dataset {dataset.name}'s images {dataset.images!r} is not a trajrep image "
+                               f"datamodule ({', '.join(trajrep.data.__all__)}) or a full import path")
+        for encoder in preset.encoders:
+            _check_parses(["fit", "--config", str(config), *preset.pretrain_args, *dataset.pretrain_args,
+                           *encoder.args], f"{where}: dataset {dataset.name}, encoder {encoder.name}")
+
+
+def _check_parses(args: list[str], where: str) -> None:
+    """The CLI parses `args` (printing the config, quietly; nothing is built)."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            build_cli([*args, "--print_config"])
+    except SystemExit as done:
+        if done.code not in (0, None):
+            raise TrajrepError(f"{where}: the options do not parse") from None
+    except TrajrepError as error:
+        raise TrajrepError(f"{where}: {error}") from None
 
 
 def _read_yaml(path: str | Path) -> dict:

@@ -187,6 +187,11 @@ class RepresentationDataModule(ProbeData):
         grid = build_time_grid(times, granularities)
         served = grid if probe_times is None else [grid[i] for i in select_times(grid, probe_times)]
         model = load_pretrained_model(checkpoint, ema)
+        trained_on = (model.hparams.image_channels, model.hparams.image_size, model.hparams.image_size)
+        if trained_on != tuple(images.image_shape):
+            raise TrajrepError(f"{checkpoint} was pretrained on {trained_on[0]}-channel {trained_on[1]} px images "
+                               f"but {type(images).__name__} serves {images.image_shape[0]}-channel "
+                               f"{images.image_shape[1]} px ones; set data.images to the pretraining dataset")
         super().__init__(served, images.num_classes, images.task_names, model.latent_dim, seeds, batch_size,
                          eval_batch_size, standardize, replicate_time)
         # `times` (explicit grid points) is left out: a logger merges these hparams with the ProbeModule's, whose
@@ -287,6 +292,10 @@ def split_stages(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Ten
     """{train, val, test}: a fixed random `val_fraction` of the official training split becomes validation."""
     order = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(split_seed))
     num_val = round(val_fraction * len(train[0]))
+    if num_val >= len(train[0]) or num_val < 1:
+        raise TrajrepError(f"val_fraction {val_fraction} of the {len(train[0])} training images leaves "
+                           f"{len(train[0]) - num_val} to train on and {num_val} to validate on; both need at "
+                           "least one: choose a val_fraction nearer 0.1, or use more images")
     val_rows, train_rows = order[:num_val], order[num_val:]
     return {"train": (train[0][train_rows], train[1][train_rows]), "val": (train[0][val_rows], train[1][val_rows]),
             "test": test}
