@@ -1,17 +1,20 @@
 """ProgressLog: with progress bars off, long stages still say how far they are, and end with a summary line."""
 
+import functools
 import re
 import warnings
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from conftest import tiny_fit_args
 from test_online_probe import TINY
 from trajrep.cli import build_cli, main
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.pretrain import PretrainModule
-from trajrep.progress import ProgressLog, duration
+import trajrep.mine as mine_module
+from trajrep.progress import ProgressLog, Ticker, duration
 from trajrep.quiet import HARMLESS_WARNINGS
 
 
@@ -53,3 +56,10 @@ def test_known_harmless_messages_are_silenced_and_real_warnings_kept(tmp_path, c
     assert "litlogger" not in caplog.text
     with pytest.warns(UserWarning, match="a real problem"):
         warnings.warn("a real problem", UserWarning)
+
+
+def test_mine_prints_its_progress_through_the_same_ticker(monkeypatch, caplog):
+    monkeypatch.setattr(mine_module, "Ticker", functools.partial(Ticker, every_seconds=0))
+    x = torch.randn(1, 64, 2)
+    mine_module.mine_pairs(x, x, steps=5, batch_size=16, window=2, progress=True)
+    assert re.search(r"MINE \(1 pairs, seed 0\), step 5/5 \(100 %\), [\d.e+]+/s, ETA 0 s; mean bound", caplog.text)

@@ -15,7 +15,8 @@ import math
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from trajrep.progress import Ticker
 
 
 class StatisticsNetwork(nn.Sequential):
@@ -60,7 +61,8 @@ def mine_pairs(xs: Tensor, zs: Tensor, steps: int = 4000, batch_size: int = 256,
     optimizer = torch.optim.Adam(networks.parameters(), lr=lr)
     xs, zs = xs.float(), zs.float()
     moving_exp, bounds = None, []
-    for _ in tqdm(range(steps), desc=f"MINE ({pairs} pairs)", disable=not progress, leave=False):
+    ticker = Ticker(f"MINE ({pairs} pairs, seed {seed}), step", steps) if progress else None
+    for step in range(steps):
         rows = torch.randint(examples, (batch_size,), generator=generator).to(xs.device)
         others = torch.randint(examples, (batch_size,), generator=generator).to(xs.device)
         x_rows = xs[:, rows]
@@ -75,6 +77,8 @@ def mine_pairs(xs: Tensor, zs: Tensor, steps: int = 4000, batch_size: int = 256,
         (-(joint - mean_exp / moving_exp)).sum().backward()
         optimizer.step()
         bounds.append((joint - (torch.logsumexp(marginal, dim=1) - math.log(batch_size))).detach())
+        if ticker is not None:
+            ticker.tick(step + 1, lambda: f"mean bound {bounds[-1].mean().item():.3g} nats")
     return torch.stack(bounds[-window:]).mean(dim=0).cpu()
 
 
