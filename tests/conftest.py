@@ -14,6 +14,7 @@ os.environ.pop("TRAJREP_DEBUG", None)
 
 REPO = pathlib.Path(__file__).parents[1]
 QUICKSTART = "configs/quickstart.yaml"
+CHECKOUT_OUTPUTS = pytest.StashKey[dict]()
 
 
 def tiny_fit_args(root: pathlib.Path, max_steps: int, *extra: str) -> list[str]:
@@ -67,3 +68,43 @@ def kill_when(command: list[str], ready: Callable[[], bool], cwd: pathlib.Path, 
             time.sleep(0.02)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@pytest.fixture
+def scratch_cwd(tmp_path, monkeypatch) -> pathlib.Path:
+    """A working folder under tmp_path where `configs/` is the repository's: commands can name configs as the
+    README does while their default outputs (runs/, results/, cache/, lightning_logs/) land in the scratch folder."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+# Where a trajrep command writes by default, relative to its working folder (the configs' default_root_dir,
+# results_dir and cache_dir, Lightning's lightning_logs): the suite must leave these untouched in the checkout.
+DEFAULT_OUTPUTS = ("runs/quickstart", "runs/fashion_mnist", "runs/cifar10", "runs/cifar100", "runs/probe",
+                   "results/quickstart", "results/probes", "lightning_logs")
+
+
+def default_outputs_in_checkout() -> dict[str, int]:
+    """Every file under DEFAULT_OUTPUTS with its mtime, and the entries directly in cache/ (a default-cache_dir
+    extraction adds one there; presets write into their own subfolders)."""
+    found = {str(path.relative_to(REPO)): path.stat().st_mtime_ns
+             for folder in DEFAULT_OUTPUTS for path in (REPO / folder).rglob("*") if path.is_file()}
+    cache = REPO / "cache"
+    found.update({f"cache/{entry.name}": 0 for entry in (cache.iterdir() if cache.is_dir() else [])})
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config.stash[CHECKOUT_OUTPUTS] = default_outputs_in_checkout()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before, after = session.config.stash[CHECKOUT_OUTPUTS], default_outputs_in_checkout()
+    written = sorted(path for path, stamp in after.items() if before.get(path) != stamp)
+    if written:
+        print(f"\nThe tests wrote into the checkout (they must write under tmp_path): {', '.join(written[:10])}"
+              + (f" and {len(written) - 10} more" if len(written) > 10 else ""))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

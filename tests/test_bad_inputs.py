@@ -23,8 +23,8 @@ from trajrep.threads import available_cpus
 
 
 @pytest.fixture(autouse=True)
-def run_from_repo_root(monkeypatch):
-    monkeypatch.chdir(REPO)
+def run_in_scratch_folder(scratch_cwd):
+    """Configs named as in the README; default outputs under tmp_path, not in the checkout."""
 
 
 def one_line_error(args: list[str], capsys) -> str:

@@ -18,8 +18,8 @@ CONFIGS = sorted(p for p in pathlib.Path(__file__).parents[1].glob("configs/**/*
 
 
 @pytest.fixture(autouse=True)
-def run_from_repo_root(monkeypatch):
-    monkeypatch.chdir(pathlib.Path(__file__).parents[1])
+def run_in_scratch_folder(scratch_cwd):
+    """Configs named as in the README; default outputs under tmp_path, not in the checkout."""
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])

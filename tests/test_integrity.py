@@ -86,3 +86,18 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
     assert kept["global_step"] == 3  # step 3 was the first to diverge; steps 1-3 (0-based 0-2) were saved
     assert all(torch.isfinite(value).all() for value in kept["state_dict"].values() if value.is_floating_point())
     assert good["global_step"] == 2
+
+
+def test_the_recorded_revision_is_the_one_the_process_started_from(monkeypatch):
+    import subprocess
+
+    from trajrep import results
+
+    started = results.git_revision()
+    assert started is None or len(started.removesuffix("+dirty")) == 40
+
+    def moved_on(*args, **kwargs):  # what git would answer after a commit made while a preset runs
+        return subprocess.CompletedProcess(args, 0, stdout="0" * 40 + "\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", moved_on)
+    assert results.git_revision() == started

@@ -12,13 +12,25 @@ RESULTS_VERSION = 1
 
 
 def git_revision() -> str | None:
-    """The commit of the trajrep checkout that produced a result (None outside a git checkout)."""
+    """The commit of the trajrep checkout this process started from, "+dirty" when its tracked files differed
+    from it (None outside a git checkout). Read once, at import: a long run whose checkout moves on meanwhile
+    still names the code it loaded."""
+    return _REVISION
+
+
+def _read_revision() -> str | None:
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=here,
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    revision = head.stdout.strip()
+    return (revision + ("+dirty" if dirty.stdout.strip() else "")) if revision else None
+
+
+_REVISION = _read_revision()
 
 
 def probe_label(context: dict) -> str:
