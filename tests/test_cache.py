@@ -23,6 +23,7 @@ TINY_MODEL = ["--model.init_args.nf=8", "--model.init_args.widen_factor=0.125"]
 def extract(ckpt: pathlib.Path, cache_dir: pathlib.Path, *extra: str) -> pathlib.Path:
     main(["extract", "--config", str(REPO / QUICKSTART), *TINY_DATA, *TINY_MODEL, "--ckpt_path", str(ckpt),
           "--granularities=[2]", f"--cache_dir={cache_dir}", "--batch_size=16", "--trainer.logger=false",
+          f"--trainer.default_root_dir={cache_dir}",
           "--trainer.enable_progress_bar=false", *extra])
     (path,) = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return path

@@ -51,7 +51,7 @@ def extract_command(checkpoint: Path, cache_dir: Path) -> list[str]:
             "--data.init_args.num_train=64", "--data.init_args.num_test=48", "--model.init_args.nf=8",
             "--model.init_args.widen_factor=0.125", "--ckpt_path", str(checkpoint), "--granularities=[50]",
             f"--cache_dir={cache_dir}", "--batch_size=4", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false"]
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={cache_dir}"]
 
 
 def caches_in(folder: Path) -> list[Path]:
