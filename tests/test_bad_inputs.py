@@ -141,7 +141,11 @@ def test_checkpoint_of_another_architecture_given_to_a_probe(tiny_checkpoint, tm
     ("--data.times=[0.5,1.5]", "outside [0, 1]"),
     ("--data.times=[0.5,0.2]", "strictly increasing"),
     ("--data.granularities=null", "time grid is empty"),
-], ids=["t-outside-unit-interval", "unsorted-grid", "empty-grid"])
+    ("--data.granularities=[0]", "granularity must be a positive integer, got 0"),
+    ('--data.times=["a","b"]', "data.times: Expected a <class 'float'>"),
+    ("--data.val_fraction=0.999", "leaves 0 to train on"),
+], ids=["t-outside-unit-interval", "unsorted-grid", "empty-grid", "granularity-0", "times-as-strings",
+        "no-training-images-left"])
 def test_bad_time_grid(grid, expected, tiny_checkpoint, tmp_path, capsys):
     assert expected in one_line_error(probe(tiny_checkpoint, tmp_path, grid), capsys)
 
@@ -261,15 +265,6 @@ def test_image_folder_ignores_other_files_converts_grey_and_keeps_empty_classes(
         images, labels = map(torch.stack, zip(*(data.dataset("train")[i] for i in range(len(data.dataset("train"))))))
         assert data.num_classes == [3] and len(labels) == 9  # ant, cat, dog; 4 + 5 images, no README
         assert labels.tolist() == [1] * 4 + [2] * 5 and images.shape[1] == 3
-
-
-@pytest.mark.parametrize("option, expected", [
-    ("--data.granularities=[0]", "granularity must be a positive integer, got 0"),
-    ('--data.times=["a","b"]', "data.times: Expected a <class 'float'>"),
-    ("--data.val_fraction=0.999", "leaves 0 to train on"),
-], ids=["granularity-0", "times-as-strings", "no-training-images-left"])
-def test_more_bad_probe_data_is_one_line(option, expected, tiny_checkpoint, tmp_path, capsys):
-    assert expected in one_line_error(probe(tiny_checkpoint, tmp_path, option), capsys)
 
 
 def test_misspelled_head_option_is_one_line_with_the_options(tiny_checkpoint, tmp_path, capsys):
