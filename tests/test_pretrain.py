@@ -94,6 +94,17 @@ def test_widen_factor_zero_gives_two_dimensional_latent_and_negative_is_rejected
         stage_widths(-1)
 
 
+def test_latent_dim_sets_only_the_last_stage_and_the_score_net_reads_it():
+    assert stage_widths(0.5, latent_dim=8) == (8, 16, 8)
+    assert stage_widths(2, latent_dim=2) == stage_widths(0)  # the paper's 2-d latent, spelled out
+    model = PretrainModule(**{**TINY, "latent_dim": 3, "mode": "probabilistic-drl"})
+    assert model.latent_dim == 3 and model.score_net.latent_proj.in_features == 3
+    x0 = torch.rand(2, 3, 16, 16)
+    assert model.encoder.representation(x0, torch.zeros(2)).shape == (2, 3)
+    with pytest.raises(TrajrepError, match="latent_dim must be >= 1"):
+        stage_widths(0.5, latent_dim=0)
+
+
 def test_unet_rejects_image_size_it_cannot_halve():
     with pytest.raises(TrajrepError, match="multiple of 8"):
         ScoreUNet(3, 28, latent_dim=4, ch_mult=(1, 2, 2, 2))

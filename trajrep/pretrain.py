@@ -31,7 +31,8 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 class PretrainModule(pl.LightningModule):
     """Trains E(x0, t) so that s(x_t, sigma(t), E(x0, t)) can denoise; the encoder is what later stages keep.
 
-    `image_channels` and `image_size` are linked from the datamodule by the CLI.
+    `image_channels` and `image_size` are linked from the datamodule by the CLI. The latent size d_z is the
+    encoder's last-stage width: 64 * `widen_factor` unless `latent_dim` sets it apart from the body's width.
 
     Fast paths (each measured by benchmarks/pretrain.py; none changes the model or its checkpoints):
     `compile` compiles the encoder and the score net (not this module), `channels_last` stores images and conv
@@ -48,6 +49,7 @@ class PretrainModule(pl.LightningModule):
         mode: EncoderMode = "reg-drl",
         encoder_depth: int = 28,
         widen_factor: float = 2.0,
+        latent_dim: int | None = None,
         nf: int = 16,
         ch_mult: tuple[int, ...] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
@@ -73,7 +75,7 @@ class PretrainModule(pl.LightningModule):
         self.save_hyperparameters()
         self.sde = VESDE(sigma_min, sigma_max, t_min)
         self.encoder = TimeConditionedWRN(image_channels, encoder_depth, widen_factor,
-                                          probabilistic=mode == "probabilistic-drl")
+                                          probabilistic=mode == "probabilistic-drl", latent_dim=latent_dim)
         self.score_net = ScoreUNet(image_channels, image_size, self.encoder.feature_dim, nf, tuple(ch_mult),
                                    num_res_blocks, tuple(attn_resolutions), dropout, latent_bottleneck)
 

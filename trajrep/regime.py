@@ -87,7 +87,7 @@ def run_settings(run_dir: Path) -> dict:
     saved = sorted(run_dir.glob("lightning_logs/version_*/config.yaml"), key=lambda p: int(p.parent.name[8:]))
     config = yaml.safe_load(saved[-1].read_text())
     model, data = config["model"]["init_args"], config["data"]
-    return {"mode": model["mode"], "latent_dim": stage_widths(model["widen_factor"])[-1],
+    return {"mode": model["mode"], "latent_dim": stage_widths(model["widen_factor"], model.get("latent_dim"))[-1],
             "reg_weight": model["reg_weight"], "lr": model["lr"], "batch_size": data["init_args"]["batch_size"],
             "data": data["class_path"].rsplit(".", 1)[-1], "precision": config["trainer"]["precision"]}
 

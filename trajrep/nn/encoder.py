@@ -8,8 +8,12 @@ from trajrep.errors import TrajrepError
 from trajrep.nn.embedding import TimeEmbedding
 
 
-def stage_widths(widen_factor: float) -> tuple[int, int, int]:
-    """Channel widths of the three stages; k = 0 is the paper's 2-d latent (k = 2 body, 2-channel last stage)."""
+def stage_widths(widen_factor: float, latent_dim: int | None = None) -> tuple[int, int, int]:
+    """Channel widths of the three stages; the last one is the latent size d_z. k = 0 is the paper's 2-d latent
+    (k = 2 body, 2-channel last stage); `latent_dim` generalises it: any d_z behind a body of width k, so that a small
+    latent does not also shrink the encoder that chooses what goes into it."""
+    if latent_dim is not None and latent_dim < 1:
+        raise TrajrepError(f"latent_dim must be >= 1 (got {latent_dim}); leave it unset for 64 * widen_factor")
     if widen_factor < 0:
         raise TrajrepError(f"widen_factor must be >= 0 (got {widen_factor}); use 0 for the 2-d latent, "
                            "a fraction such as 0.125 for small latents, or 2 / 4 for the paper's CIFAR widths")
@@ -18,7 +22,7 @@ def stage_widths(widen_factor: float) -> tuple[int, int, int]:
     widths = tuple(int(base * widen_factor) for base in (16, 32, 64))
     if min(widths) < 1:
         raise TrajrepError(f"widen_factor {widen_factor} gives an empty stage {widths}; use widen_factor >= 0.0625")
-    return widths
+    return widths if latent_dim is None else (*widths[:2], latent_dim)
 
 
 class TimeConditionedBlock(nn.Module):
@@ -48,12 +52,12 @@ class TimeConditionedWRN(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, depth: int = 28, widen_factor: float = 2.0,
-                 probabilistic: bool = False, temb_dim: int = 64) -> None:
+                 probabilistic: bool = False, temb_dim: int = 64, latent_dim: int | None = None) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise TrajrepError(f"encoder depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
         blocks_per_stage = (depth - 4) // 6
-        widths = stage_widths(widen_factor)
+        widths = stage_widths(widen_factor, latent_dim)
         self.feature_dim = widths[-1]
         self.probabilistic = probabilistic
         self.time_embedding = TimeEmbedding(temb_dim)
