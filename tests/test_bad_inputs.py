@@ -150,6 +150,21 @@ def test_bad_time_grid(grid, expected, tiny_checkpoint, tmp_path, capsys):
     assert expected in one_line_error(probe(tiny_checkpoint, tmp_path, grid), capsys)
 
 
+@pytest.mark.parametrize("option, instead", [
+    ("--model.seeds=[7]", "--data.init_args.seeds"),
+    ("--model.times=[0.25]", "--data.init_args.probe_times"),
+    ("--model.feature_dim=3", "the cache"),
+], ids=["seeds", "times", "feature-dim"])
+def test_probe_options_set_from_the_data_are_refused_when_given(option, instead, tiny_checkpoint, tmp_path, capsys):
+    error = one_line_error(probe(tiny_checkpoint, tmp_path, "--data.granularities=[2]", option), capsys)
+    assert option.split("=")[0].replace("--model.", "--model.init_args.") in error and instead in error
+
+
+def test_image_size_set_on_the_model_is_refused(capsys):
+    error = one_line_error(fit("--model.init_args.image_size=64"), capsys)
+    assert "image_size=64 is set from the data (32 here)" in error
+
+
 def test_negative_probe_learning_rate(tiny_checkpoint, tmp_path, capsys):
     error = one_line_error(probe(tiny_checkpoint, tmp_path, "--data.granularities=[2]",
                                  "--model.learning_rates=[-0.001]"), capsys)

@@ -58,6 +58,22 @@ def test_every_head_runs_from_its_config_and_writes_records(kind, tiny_checkpoin
     assert results["context"]["config"]["model"]["kind"] == kind
 
 
+def test_other_settings_get_their_own_file_and_the_same_settings_are_replaced_only_when_asked(
+        tiny_checkpoint, tmp_path, shared_cache, capsys):
+    main(probe_args("mean", tiny_checkpoint, tmp_path, shared_cache))
+    main(probe_args("mean", tiny_checkpoint, tmp_path, shared_cache) + ["--model.learning_rates=[0.5]"])
+    first, second = sorted((tmp_path / "results").glob("mean-*.json"), key=lambda p: p.stat().st_mtime)
+    assert {r["lr"] for r in read_results(first)["records"]} == {0.001, 0.0001}
+    assert {r["lr"] for r in read_results(second)["records"]} == {0.5}
+    before = first.read_bytes()
+    with pytest.raises(SystemExit):
+        main(probe_args("mean", tiny_checkpoint, tmp_path, shared_cache))
+    assert "already holds results of these settings" in capsys.readouterr().err
+    assert first.read_bytes() == before
+    main(probe_args("mean", tiny_checkpoint, tmp_path, shared_cache) + ["--model.overwrite_results=true"])
+    assert read_results(first)["records"] and len(list((tmp_path / "results").glob("mean-*.json"))) == 2
+
+
 def test_result_file_edit_is_detected(tiny_checkpoint, tmp_path, shared_cache):
     main(probe_args("mean", tiny_checkpoint, tmp_path, shared_cache))
     (path,) = (tmp_path / "results").glob("mean-*.json")
@@ -90,6 +106,45 @@ def test_lr_is_chosen_by_mean_validation_over_seeds():
     assert summary["lr"] == 1e-4
     assert summary["test_acc_mean"] == pytest.approx(0.75)
     assert summary["test_acc_std"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
+
+
+def test_a_learning_rate_where_a_member_diverged_is_not_selected():
+    records = [
+        {"task": "c", "time": None, "lr": 1e-2, "seed": 0, "val_acc": 0.99, "test_acc": 0.9},
+        {"task": "c", "time": None, "lr": 1e-2, "seed": 1, "val_acc": 0.34, "test_acc": 0.3, "diverged": True},
+        {"task": "c", "time": None, "lr": 1e-3, "seed": 0, "val_acc": 0.6, "test_acc": 0.6},
+        {"task": "c", "time": None, "lr": 1e-3, "seed": 1, "val_acc": 0.6, "test_acc": 0.6},
+        {"task": "c", "time": None, "lr": 1e-4, "seed": 0, "val_acc": 0.5, "test_acc": 0.5},
+        {"task": "c", "time": None, "lr": 1e-4, "seed": 1, "val_acc": 0.5, "test_acc": 0.5},
+    ]
+    summary = summarise(records)["c"]
+    assert summary["lr"] == 1e-3 and summary["diverged_settings"] == [1e-2]
+    assert not summary["at_grid_edge"]  # the diverged rate above still brackets the selected one
+
+
+def test_a_diverging_probe_member_is_marked_warned_about_and_not_selected(tmp_path):
+    import lightning.pytorch as pl
+
+    from trajrep.data.representations import ProbeData
+
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(3, (n,), generator=generator)
+        x = torch.randn(n, 2, 4, generator=generator)
+        x[:, :, 0] += 2 * y[:, None]
+        return x, y
+
+    data = ProbeData.from_tensors({stage: split(256) for stage in ("train", "val", "test")}, times=[0.0, 1.0],
+                                  num_classes=[3], seeds=[0], batch_size=32)
+    module = ProbeModule(kind="transformer", learning_rates=[1e6, 1e-3], seeds=[0], num_classes=[3], feature_dim=4,
+                         times=[0.0, 1.0], results_dir=str(tmp_path), head_kwargs={"d_model": 16})
+    with pytest.warns(UserWarning, match=r"1 of 2 transformer probe members diverged .*lr 1e\+06"):
+        pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   default_root_dir=tmp_path).fit(module, datamodule=data)
+    records = {r["lr"]: r for r in module.member_records()}
+    assert records[1e6].get("diverged") and "diverged" not in records[1e-3]
+    assert summarise(list(records.values()))["task0"]["diverged_settings"] == [1e6]
 
 
 def test_best_epoch_is_the_first_best_validation_epoch():
@@ -150,8 +205,8 @@ def test_member_chunks_train_exactly_like_one_grouped_model(learnable_data, tmp_
         module = ProbeModule(kind="gru", learning_rates=[1e-3, 1e-4], seeds=learnable_data.seeds,
                              num_classes=learnable_data.num_classes, task_names=learnable_data.task_names,
                              feature_dim=learnable_data.feature_dim, times=learnable_data.times,
-                             results_dir=str(tmp_path), head_kwargs={"hidden_dim": 16, "dropout": 0.0},
-                             member_chunk=member_chunk)
+                             results_dir=str(tmp_path / f"chunk{member_chunk}"),
+                             head_kwargs={"hidden_dim": 16, "dropout": 0.0}, member_chunk=member_chunk)
         pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, default_root_dir=tmp_path).fit(module, datamodule=learnable_data)
         return module

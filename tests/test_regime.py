@@ -48,17 +48,18 @@ def test_a_sweep_tabulates_its_runs_and_grows_without_retraining(tmp_path, capsy
         assert 0 <= row["untrained"] <= 1 and row["wall_minutes"] > 0
     assert 0 < logged["pixels"] <= 1
     table = (out / "table.md").read_text()
-    assert "| l1 | reg-drl | 8 | 0.1 |" in table and "| noreg | noreg-drl |" in table
+    assert "| l1 | reg-drl | 0.125 | 8 | 0.1 |" in table and "| noreg | noreg-drl |" in table
     assert (out / "online.png").stat().st_size > 0
 
     checkpoint = tmp_path / "runs" / "tiny" / "l1" / "checkpoints" / "last.ckpt"
     stamp = checkpoint.stat().st_mtime_ns
-    sweep = write_sweep(sweep, [*runs, {"name": "wide", "args": ["--model.init_args.widen_factor=0.25"]}])
+    sweep = write_sweep(sweep, [*runs, {"name": "wide", "args": ["--model.init_args.widen_factor=0.25",
+                                                                 "--model.init_args.latent_dim=3"]}])
     printed = run_sweep(tmp_path, sweep, capsys)
     assert printed.count("trajrep regime: training") == 1 and "training wide" in printed
     assert checkpoint.stat().st_mtime_ns == stamp
     rows = {row["name"]: row for row in json.loads((out / "runs.json").read_text())["runs"]}
-    assert rows["wide"]["latent_dim"] == 16
+    assert rows["wide"]["latent_dim"] == 3 and rows["wide"]["widen_factor"] == 0.25
 
 
 def test_repeated_run_names_and_unknown_keys_are_clear_errors(tmp_path):

@@ -14,7 +14,7 @@ from scipy import stats
 from conftest import REPO, kill_when
 from trajrep.analysis import js_divergence_bits, task_divergence
 from trajrep.errors import TrajrepError
-from trajrep.report import COLUMNS, DIFFERENCES, difference_interval
+from trajrep.report import COLUMNS, DIFFERENCES, difference_interval, plt, time_axes
 from trajrep.reproduce import Encoder, Reproduction, load_preset
 from trajrep.results import read_results
 
@@ -85,6 +85,10 @@ def test_smoke_preset_goes_from_nothing_to_a_table(smoke_run):
     epochs = {path.name.split("-")[0]: read_results(path)["context"]["epochs"]
               for path in (out / "probes").rglob("*.json")}
     assert epochs.pop("knn") is None and set(epochs.values()) == {2}
+    # Encoder records name their noise process (the figures' sigma(t) axis); the pixel control has none.
+    for path in (out / "probes").rglob("*.json"):
+        sde = read_results(path)["context"].get("sde")
+        assert sde == (None if path.parent.name == "shapes-pixels" else {"sigma_min": 0.01, "sigma_max": 50.0}), path
     # The pixel control's own lr grid replaces the preset's for its mlp only.
     grids = {path.name.split("-")[0]: read_results(path)["context"]["config"]["model"]["learning_rates"]
              for path in (out / "probes" / "shapes-pixels").glob("*.json") if not path.name.startswith("knn")}
@@ -164,6 +168,18 @@ def test_a_variant_can_be_probed_at_intermediate_steps_with_its_own_seeds(tmp_pa
     assert found["fashion-reg-d8-long-seed2-step800"].name == "epoch=0-step=800.ckpt"
     with pytest.raises(TrajrepError, match="no checkpoint of step 600"):
         reproduction.at_step(found["fashion-reg-d8-long-seed2"], 600)
+
+
+def test_time_axes_label_sigma_at_the_t_positions_where_the_noise_process_is_known():
+    figure, (known, unknown) = plt.subplots(1, 2)
+    time_axes(known, {"sigma_min": 0.01, "sigma_max": 50.0})
+    time_axes(unknown, None)
+    figure.canvas.draw()
+    top = next(child for child in known.get_children() if child.__class__.__name__ == "SecondaryAxis")
+    assert [label.get_text() for label in top.get_xticklabels()] == ["0.01", "0.084", "0.71", "5.9", "50"]
+    assert list(top.get_xticks()) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert not any(child.__class__.__name__ == "SecondaryAxis" for child in unknown.get_children())
+    plt.close(figure)
 
 
 def test_js_divergence_is_in_bits():

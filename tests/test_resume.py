@@ -19,6 +19,22 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return {**checkpoint["state_dict"], **{f"raw.{k}": v for k, v in checkpoint["current_model_state"].items()}}
 
 
+def test_a_new_run_into_a_finished_runs_folder_is_refused_unless_it_resumes_or_overwrites(tmp_path, capsys):
+    main(tiny_fit_args(tmp_path, 2))
+    folder = tmp_path / "checkpoints"
+    assert f"trajrep: checkpoint of step 2: {folder / 'last.ckpt'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(tiny_fit_args(tmp_path, 3))
+    error = capsys.readouterr().err
+    assert "already holds the checkpoints of an earlier run" in error and "--ckpt_path" in error
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 2
+    main(tiny_fit_args(tmp_path, 3) + ["--ckpt_path", str(folder / "last.ckpt")])  # resumes: steps 3 of 3
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 3
+    main(tiny_fit_args(tmp_path, 1) + ["--overwrite=true"])  # a fresh run of 1 step replaces the old files
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
 @pytest.mark.slow
 def test_killed_pretraining_resumes_to_the_same_weights(tmp_path):
     steps = 20  # 2.5 epochs of 8 batches: the kill lands mid-epoch, the resumed run crosses epoch boundaries

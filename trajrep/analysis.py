@@ -37,8 +37,8 @@ from trajrep.checks import ensure_wandb_ready
 from trajrep.data.cache import RepresentationCache
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.mine import time_nmi
-from trajrep.report import (Collected, collect, encoder_label, log_wandb_run, mean_std, panel_title, panels, plt,
-                            row_order)
+from trajrep.report import (TIME_LABEL, Collected, collect, encoder_label, log_wandb_run, mean_std, panel_title,
+                            panels, plt, row_order)
 from trajrep.results import read_results
 from trajrep.timegrid import select_times
 
@@ -156,8 +156,8 @@ def plot_per_task(by_encoder: dict, path: Path, key: str, ylabel: str, scale: fl
             ax.plot(entry["times"], mean, "o-", label=task)
             ax.fill_between(entry["times"], mean - std, mean + std, alpha=0.15)
         ax.set_title(panel_title(encoder), fontsize=9)
-        ax.set(xlabel="t", ylabel=ylabel)
-        ax.legend(fontsize=7)
+        ax.set(xlabel=TIME_LABEL, ylabel=ylabel)
+        ax.legend(fontsize=7, title="band: ± std over seeds", title_fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -187,7 +187,7 @@ def plot_attention_per_class(by_encoder: dict, path: Path) -> None:
     for ax, row in zip(axes, keys):
         entry = by_encoder[row[:-1]][row[-1]]
         image = ax.imshow(np.array(entry["mean"]), cmap="viridis", aspect="auto")
-        ax.set(xlabel="t", ylabel="class", xticks=range(len(entry["times"])))
+        ax.set(xlabel=TIME_LABEL, ylabel="class", xticks=range(len(entry["times"])))
         ax.set_title(panel_title(row), fontsize=9)
         ax.set_xticklabels([f"{t:g}" for t in entry["times"]], rotation=45, fontsize=7)
         figure.colorbar(image, ax=ax, label="CLS attention")

@@ -1,5 +1,6 @@
 """The `trajrep` command: LightningCLI over every trajrep module and datamodule, referred to by short class names."""
 
+import inspect
 import os
 import re
 from operator import itemgetter
@@ -8,6 +9,7 @@ from typing import Literal, NoReturn, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # Imported so that configs can name the classes by short name (class_path: SyntheticShapes).
 from trajrep.callbacks import EMA  # noqa: F401
@@ -16,6 +18,7 @@ from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, Ima
                           ImageFolder, SyntheticShapes)
 from trajrep.data.representations import PixelProbeData, RepresentationDataModule  # noqa: F401
 from trajrep.checks import ensure_trainer_fits_machine, ensure_wandb_ready, ensure_writable
+from trajrep.disk import AtomicCheckpointIO
 from trajrep.errors import DEBUG_ENV, TrajrepError, errors_as_one_line
 from trajrep.extract import existing_checkpoint, extract_representations, load_pretrained_weights, read_checkpoint
 from trajrep.pretrain import PretrainModule
@@ -27,6 +30,13 @@ from trajrep.probe import ProbeModule  # noqa: F401
 from trajrep.timegrid import build_time_grid
 
 PROBE_SPEC = ("num_classes", "task_names", "feature_dim", "times", "seeds")
+# Model options the CLI sets from the data, and what a user sets instead.
+LINKED_FROM_DATA = {
+    "image_channels": "the images (nothing to set)", "image_size": "the images (nothing to set)",
+    "num_classes": "the data's labels (nothing to set)", "task_names": "the data's tasks (nothing to set)",
+    "feature_dim": "the cache (nothing to set)", "times": "--data.init_args.probe_times (or the data's time grid)",
+    "seeds": "--data.init_args.seeds",
+}
 
 
 def channels_of(image_shape: tuple[int, int, int]) -> int:
@@ -35,6 +45,11 @@ def channels_of(image_shape: tuple[int, int, int]) -> int:
 
 def size_of(image_shape: tuple[int, int, int]) -> int:
     return image_shape[-1]
+
+
+def plain(value):
+    """Sequences as lists, so that a parsed option and a stored hyperparameter compare equal."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def instantiate_directly(class_type: type, *args, **kwargs):
@@ -110,6 +125,21 @@ class TrajrepCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         use_threads(config.get("threads"))
 
+    def instantiate_classes(self) -> None:
+        """Lightning's, then a refusal of any model option the user set that a link from the data replaced (it
+        would otherwise be accepted and silently ignored)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        given = dict(config.get("model", {}).get("init_args") or {})
+        super().instantiate_classes()
+        defaults = inspect.signature(type(self.model).__init__).parameters
+        for name, instead in LINKED_FROM_DATA.items():
+            if name not in given or name not in defaults or name not in self.model.hparams:
+                continue
+            value, linked = plain(given[name]), plain(self.model.hparams[name])
+            if value != plain(defaults[name].default) and value != linked:
+                raise TrajrepError(f"--model.init_args.{name}={value} is set from the data ({linked} here); "
+                                   f"leave it out and set {instead}")
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Also check, before anything runs, the output folder, a W&B login when W&B logs online, and a local
         --ckpt_path: missing or unreadable is one clear error. Checkpoints load with weights_only=True (no pickle
@@ -132,10 +162,40 @@ class TrajrepCLI(LightningCLI):
         elif local:
             existing_checkpoint(path)
 
+    def before_fit(self) -> None:
+        """A new run into a checkpoint folder that holds an earlier run's last.ckpt is refused (Lightning would
+        write last-v1.ckpt beside it, and every later stage would read the old one) unless --overwrite removes the
+        earlier checkpoints first; --ckpt_path resumes it instead."""
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") is not None:
+            return
+        for callback in self.trainer.checkpoint_callbacks:
+            folder = Path(callback.dirpath) if getattr(callback, "dirpath", None) else None
+            if folder is None or not (folder / "last.ckpt").exists():
+                continue
+            if not config.get("overwrite"):
+                raise TrajrepError(f"{folder} already holds the checkpoints of an earlier run; resume it with "
+                                   f"--ckpt_path={folder / 'last.ckpt'}, write this run elsewhere (another "
+                                   "--trainer.default_root_dir and checkpoint dirpath), or replace it with --overwrite")
+            if self.trainer.is_global_zero:
+                for old in folder.glob("*.ckpt"):
+                    old.unlink()
+                print(f"trajrep: removed the earlier checkpoints in {folder} (--overwrite)", flush=True)
+
+    def after_fit(self) -> None:
+        """Say where the run's checkpoint is: the path every later stage (extract, probes) needs."""
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "last_model_path", "") and self.trainer.is_global_zero:
+                print(f"trajrep: checkpoint of step {self.trainer.global_step}: {callback.last_model_path}",
+                      flush=True)
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Lightning's, checked against the machine, plus a progress line every minute when the bar is off."""
+        """Lightning's, checked against the machine, writing checkpoints atomically, plus a progress line every
+        minute when the bar is off."""
         trainer = super().instantiate_trainer(**kwargs)
         ensure_trainer_fits_machine(trainer)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return with_progress(trainer)
 
     @staticmethod
@@ -146,6 +206,9 @@ class TrajrepCLI(LightningCLI):
         parser.add_argument("--threads", type=Optional[int], default=None,
                             help="torch CPU threads (default: the CPUs this process may use, from its affinity "
                                  "mask and cgroup quota; on a shared machine 1 can be many times faster)")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: remove an earlier run's checkpoints in the checkpoint folder first (without "
+                                 "it, a folder holding last.ckpt is refused; --ckpt_path resumes that run)")
         # A link whose source attribute the datamodule lacks is skipped, so one CLI serves pretraining (image
         # datamodules have `image_shape`) and probing (representation datamodules have `probe_spec`).
         parser.link_arguments("data.image_shape", "model.init_args.image_channels", compute_fn=channels_of,

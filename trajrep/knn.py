@@ -14,9 +14,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from trajrep.checks import ensure_writable
 from trajrep.errors import TrajrepError
-from trajrep.probe import MemberAccuracy, result_context
+from trajrep.probe import MemberAccuracy, ensure_results_can_be_written, result_context
 from trajrep.results import write_results
 from trajrep.selection import summarise
 
@@ -49,6 +48,7 @@ class KNNProbe(pl.LightningModule):
         seeds: list[int] = [0],
         results_dir: str = "results/probes",
         encoder_name: str | None = None,
+        overwrite_results: bool = False,
     ) -> None:
         super().__init__()
         if not ks or min(ks) < 1:
@@ -64,8 +64,7 @@ class KNNProbe(pl.LightningModule):
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on_validation_start(self) -> None:
-        if self.trainer.is_global_zero:
-            ensure_writable(self.hparams.results_dir, "results_dir")
+        ensure_results_can_be_written(self, "knn")
         x, y = self.trainer.datamodule.tensors("train")
         self._bank = x.to(self.device), y.reshape(len(y), -1).to(self.device)
 
@@ -91,5 +90,6 @@ class KNNProbe(pl.LightningModule):
                     "k": m["k"], "seed": None, "best_epoch": None, "val_acc": val[g], "test_acc": test[g]}
                    for g, m in enumerate(self.members)]
         context = result_context(self, "knn", epochs=None)
-        path = write_results(self.hparams.results_dir, records, summarise(records), context)
+        path = write_results(self.hparams.results_dir, records, summarise(records), context,
+                             overwrite=self.hparams.overwrite_results)
         self.print(f"kNN results ({len(records)} settings) -> {path}")

@@ -17,13 +17,14 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 
 from trajrep.checks import ensure_writable
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
 from trajrep.nn.probes import HEADS, SingleTimeHead, build_head, clip_grad_norm_per_member_, random_time_subset
-from trajrep.results import write_results
+from trajrep.results import result_path, settings_digest, write_results
 from trajrep.selection import best_epochs, summarise
 
 PAPER_LEARNING_RATES = [1e-3, 7.5e-4, 5e-4, 2.5e-4, 1e-4, 5e-5]
@@ -34,18 +35,40 @@ ATTENTION_HEADS = ("transformer", "continuous")
 MEMBER_CHUNK = {"mlp": 16, "concat": 16, "mean": 16, "weighted": 16, "gru": 6, "transformer": 3, "continuous": 3}
 
 
+# Options that change where results go or how fast they come, never the numbers: left out of the settings digest.
+RESULT_NEUTRAL = {"results_dir", "encoder_name", "export_attention", "member_chunk", "overwrite_results"}
+DATA_SETTINGS = ("val_fraction", "split_seed", "batch_size", "standardize", "replicate_time")
+
+
 def result_context(module: pl.LightningModule, probe: str, epochs: int | None) -> dict:
     """What a result file says about its run: the data's metadata (encoder, cache, standardisation), the probe,
-    its epochs (None for a probe without training) and the resolved configuration."""
+    its epochs (None for a probe without training), the resolved configuration and the digest of the settings
+    the numbers depend on (part of the file name)."""
     datamodule = module.trainer.datamodule
+    data = dict(getattr(datamodule, "hparams", {}))
+    settings = {"model": {k: v for k, v in module.hparams.items() if k not in RESULT_NEUTRAL},
+                "data": {k: data.get(k) for k in DATA_SETTINGS}, "max_epochs": module.trainer.max_epochs}
     return {
         **getattr(datamodule, "metadata", {}),
         "probe": probe,
         "encoder_name": module.hparams.encoder_name,
         "times": module.hparams.times,
         "epochs": epochs,
-        "config": {"model": dict(module.hparams), "data": dict(getattr(datamodule, "hparams", {}))},
+        "config": {"model": dict(module.hparams), "data": data},
+        "settings_digest": settings_digest(settings),
     }
+
+
+def ensure_results_can_be_written(module: pl.LightningModule, probe: str) -> None:
+    """Before any training: the results folder is writable and holds no results of these settings (unless
+    overwrite_results), so a finished grid never fails at its last line."""
+    if not module.trainer.is_global_zero:
+        return
+    ensure_writable(module.hparams.results_dir, "results_dir")
+    path = result_path(module.hparams.results_dir, result_context(module, probe, None))
+    if path.exists() and not module.hparams.overwrite_results:
+        raise TrajrepError(f"{path} already holds results of these settings; pass --model.overwrite_results=true "
+                           "to replace them, or another --model.results_dir")
 
 
 # What every head gets from the module itself, so not settable through head_kwargs.
@@ -107,6 +130,7 @@ class ProbeModule(pl.LightningModule):
         member_chunk: int | None = None,
         export_attention: bool = True,
         encoder_name: str | None = None,
+        overwrite_results: bool = False,
     ) -> None:
         super().__init__()
         if kind not in HEADS:
@@ -142,6 +166,9 @@ class ProbeModule(pl.LightningModule):
         classes = torch.tensor(num_classes)[self.member_task]
         self.register_buffer("logit_mask", torch.arange(max(num_classes))[None, :] >= classes[:, None],
                              persistent=False)
+        # Members whose training loss went non-finite (kept on the device; read once per epoch, not per step).
+        self.register_buffer("diverged", torch.zeros(len(self.members), dtype=torch.bool), persistent=False)
+        self._reported_diverged: set[int] = set()
         self.val_accuracy = MemberAccuracy(len(self.members))
         self.test_accuracy = MemberAccuracy(len(self.members))
         self.val_history: list[list[float]] = []
@@ -222,7 +249,20 @@ class ProbeModule(pl.LightningModule):
                 clip_grad_norm_per_member_(head, self.grad_clip)
             losses.append(loss.detach().mean(1))
         optimizer.step()
-        return torch.cat(losses).mean()
+        losses = torch.cat(losses)
+        finite = torch.isfinite(losses)
+        self.diverged |= ~finite
+        return torch.where(finite, losses, 0).sum() / finite.sum().clamp(min=1)  # over members still training
+
+    def on_train_epoch_end(self) -> None:
+        """One warning line per epoch that saw members diverge, naming them."""
+        newly = sorted(set(self.diverged.nonzero().flatten().tolist()) - self._reported_diverged)
+        if newly:
+            self._reported_diverged.update(newly)
+            names = ", ".join(sorted({f"lr {self.members[g]['lr']:g}" for g in newly}))
+            rank_zero_warn(f"{len(newly)} of {len(self.members)} {self.hparams.kind} probe members diverged "
+                           f"(non-finite training loss) by epoch {self.current_epoch} ({names}); their records are "
+                           "marked diverged and their learning rates are left out of selection")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> None:
@@ -265,11 +305,14 @@ class ProbeModule(pl.LightningModule):
             self.heads = trained
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["probe_history"] = {"val": self.val_history, "test": self.test_history}
+        checkpoint["probe_history"] = {"val": self.val_history, "test": self.test_history,
+                                       "diverged": self.diverged.tolist()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_history = checkpoint["probe_history"]["val"]
         self.test_history = checkpoint["probe_history"]["test"]
+        if "diverged" in checkpoint["probe_history"]:
+            self.diverged = torch.tensor(checkpoint["probe_history"]["diverged"], device=self.diverged.device)
 
     def member_records(self) -> list[dict]:
         """One record per member: its configuration, best validation epoch, and accuracies at that epoch."""
@@ -277,6 +320,7 @@ class ProbeModule(pl.LightningModule):
             raise TrajrepError("the probe grid has no validation results; train for at least one epoch with "
                                "validation enabled (limit_val_batches > 0)")
         epochs, val, test = best_epochs(np.array(self.val_history), np.array(self.test_history))
+        diverged = self.diverged.tolist()
         return [{
             "probe": self.hparams.kind,
             "task": self.task_names[m["task"]],
@@ -286,6 +330,7 @@ class ProbeModule(pl.LightningModule):
             "best_epoch": int(epochs[g]),
             "val_acc": float(val[g]),
             "test_acc": float(test[g]),
+            **({"diverged": True} if diverged[g] else {}),
         } for g, m in enumerate(self.members)]
 
     @torch.no_grad()
@@ -328,8 +373,7 @@ class ProbeModule(pl.LightningModule):
         return {name: values / count for name, values in correct.items()}
 
     def on_fit_start(self) -> None:
-        if self.trainer.is_global_zero:  # fail now, not after the whole grid has trained
-            ensure_writable(self.hparams.results_dir, "results_dir")
+        ensure_results_can_be_written(self, self.hparams.kind)  # fail now, not after the grid
 
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
@@ -347,7 +391,8 @@ class ProbeModule(pl.LightningModule):
         context = result_context(self, self.hparams.kind, len(self.val_history))
         if self.exports_attention:
             context["attention_weights"] = "best_epoch"
-        path = write_results(self.hparams.results_dir, records, summarise(records, len(self.val_history)), context)
+        path = write_results(self.hparams.results_dir, records, summarise(records, len(self.val_history)), context,
+                             overwrite=self.hparams.overwrite_results)
         self.print(f"Probe results ({len(records)} members) -> {path}")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -87,7 +87,8 @@ def run_settings(run_dir: Path) -> dict:
     saved = sorted(run_dir.glob("lightning_logs/version_*/config.yaml"), key=lambda p: int(p.parent.name[8:]))
     config = yaml.safe_load(saved[-1].read_text())
     model, data = config["model"]["init_args"], config["data"]
-    return {"mode": model["mode"], "latent_dim": stage_widths(model["widen_factor"], model.get("latent_dim"))[-1],
+    return {"mode": model["mode"], "widen_factor": model["widen_factor"],
+            "latent_dim": stage_widths(model["widen_factor"], model.get("latent_dim"))[-1],
             "reg_weight": model["reg_weight"], "lr": model["lr"], "batch_size": data["init_args"]["batch_size"],
             "data": data["class_path"].rsplit(".", 1)[-1], "precision": config["trainer"]["precision"]}
 
@@ -184,7 +185,7 @@ class RegimeSweep:
         self.results.mkdir(parents=True, exist_ok=True)
         (self.results / "runs.json").write_text(json.dumps({"pixels": pixels, "runs": rows}, indent=1) + "\n")
         times = list(rows[0]["accuracy"]) if rows else []
-        header = ["run", "mode", "d_z", "reg weight", "lr", "batch", "data", "steps", "wall (min)",
+        header = ["run", "mode", "encoder width k", "d_z", "reg weight", "lr", "batch", "data", "steps", "wall (min)",
                   *(f"acc {t} (%)" for t in times), "best - worst t", "untrained (%)", "best - untrained",
                   "best - pixels",
                   "CKA(first t, last t)"]
@@ -194,7 +195,8 @@ class RegimeSweep:
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
             wall = "-" if row["wall_minutes"] is None else f"{row['wall_minutes']:.0f}"
-            cells = [row["name"] + ("" if row["finished"] else " *"), row["mode"], row["latent_dim"],
+            cells = [row["name"] + ("" if row["finished"] else " *"), row["mode"], f"{row['widen_factor']:g}",
+                     row["latent_dim"],
                      f"{row['reg_weight']:g}", f"{row['lr']:g}", row["batch_size"], row["data"], row["steps"], wall,
                      *(f"{100 * row['accuracy'][t]:.1f}" for t in times), f"{100 * row['spread']:.1f}",
                      f"{100 * row['untrained']:.1f}", f"{100 * (row['best'] - row['untrained']):+.1f}",

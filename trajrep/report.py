@@ -71,6 +71,7 @@ class Collected:
         self.cka: dict[tuple, dict] = defaultdict(dict)
         self.times: dict[tuple, list[float]] = {}
         self.convergence: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
+        self.sde: dict[tuple, dict] = {}  # sigma_min, sigma_max of the row's encoder, where its records say
 
     def add(self, results: dict, path: Path) -> None:
         context, summary = results["context"], results["summary"]
@@ -83,6 +84,8 @@ class Collected:
                 raise TrajrepError(f"{path} repeats {probe} for pretraining seed {seed} of row {row}; remove the "
                                    "stale result file")
             self.cells[row][probe][seed] = selected["test_acc_mean"]
+            if "sde" in context:
+                self.sde[row] = context["sde"]
             self.convergence[row][probe][seed] = (selected.get("last_epoch_fraction"),
                                                   bool(selected.get("at_grid_edge")))
             if "linear_cka" in context:
@@ -230,6 +233,19 @@ def write_tables(rows: list[dict], out: Path) -> None:
 TIME_LABEL = "t (0 = clean, 1 = most noise)"
 
 
+def time_axes(ax: plt.Axes, sde: dict | None) -> None:
+    """t along the bottom and, where the records name the noise process, sigma(t) along the top at the same
+    positions (sigma grows geometrically in t, so the top ticks are labelled, not spaced, by sigma)."""
+    ax.set_xlabel(TIME_LABEL)
+    if sde is None:
+        return
+    ticks = [0.0, 0.25, 0.5, 0.75, 1.0]
+    ratio = sde["sigma_max"] / sde["sigma_min"]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(ticks, labels=[f"{sde['sigma_min'] * ratio ** t:.2g}" for t in ticks], fontsize=7)
+    top.set_xlabel("noise scale sigma(t)", fontsize=8)
+
+
 def panel_title(row: tuple) -> str:
     """Two short lines for a figure panel: dataset and encoder, then latent size, steps, grid (and task)."""
     dataset, encoder, latent_dim, steps, grid, *task = row
@@ -276,7 +292,8 @@ def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
             if collected.cells[row].get(mixer):
                 ax.axhline(100 * np.mean(list(collected.cells[row][mixer].values())), color=colour, ls="--",
                            label=COLUMNS[mixer])
-        ax.set(xlabel=TIME_LABEL, ylabel="test accuracy (%)")
+        ax.set_ylabel("test accuracy (%)")
+        time_axes(ax, collected.sde.get(row))
         ax.set_title(panel_title(row), fontsize=9)
     shared_legend(figure, axes, "MLP at each t (band: ± std over pretraining seeds); dashed: probes over all t")
     figure.savefig(path, dpi=120)
@@ -295,7 +312,8 @@ def plot_attention_over_t(collected: Collected, path: Path) -> None:
         times = collected.times[row]
         ax.errorbar(times, weights.mean(axis=0), yerr=weights.std(axis=0, ddof=1) if len(weights) > 1 else None,
                     fmt="o-", capsize=2)
-        ax.set(xlabel=TIME_LABEL, ylabel="CLS attention (± std over seeds)")
+        ax.set_ylabel("CLS attention (± std over seeds)")
+        time_axes(ax, collected.sde.get(row))
         ax.set_title(panel_title(row), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

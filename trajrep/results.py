@@ -2,10 +2,10 @@
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
+from trajrep.disk import atomic_write_bytes
 from trajrep.errors import TrajrepError
 
 RESULTS_VERSION = 1
@@ -42,9 +42,24 @@ def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def write_results(results_dir: str | Path, records: list[dict], summary: dict, context: dict) -> Path:
-    """Write `<results_dir>/<probe label>-<cache key>.json`: per-member records (each with the fields a table needs),
-    the per-task summary and the run context. Written to a temporary file and renamed: never half a file."""
+def result_path(results_dir: str | Path, context: dict) -> Path:
+    """`<results_dir>/<probe label>-<cache key>-<settings digest>.json`: probes of other settings on the same
+    cache (another lr grid, epochs, split) never share a file."""
+    digest = context.get("settings_digest")
+    return Path(results_dir) / (f"{probe_label(context)}-{context.get('cache_key', 'nocache')}"
+                                f"{'-' + digest if digest else ''}.json")
+
+
+def settings_digest(settings: dict) -> str:
+    """A short hash of what a probe's numbers depend on besides the representations (their cache key)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def write_results(results_dir: str | Path, records: list[dict], summary: dict, context: dict,
+                  overwrite: bool = False) -> Path:
+    """Write the result file (`result_path`): per-member records (each with the fields a table needs), the per-task
+    summary and the run context. Written to a temporary file and renamed: never half a file. An existing file of
+    the same settings is replaced only with `overwrite`."""
     shared = {k: context.get(k) for k in ("dataset", "encoder_mode", "encoder_name", "latent_dim", "pretrain_seed",
                                           "pretrain_steps", "cache_key", "times")}
     shared["git_revision"] = git_revision()
@@ -54,11 +69,11 @@ def write_results(results_dir: str | Path, records: list[dict], summary: dict, c
         "summary": summary,
         "context": context,
     }
-    path = Path(results_dir) / f"{probe_label(context)}-{context.get('cache_key', 'nocache')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps({**payload, "sha256": _digest(payload)}, indent=1))
-    os.replace(partial, path)
+    path = result_path(results_dir, context)
+    if path.exists() and not overwrite:
+        raise TrajrepError(f"{path} already holds results of these settings; pass --model.overwrite_results=true "
+                           "to replace them, or another --model.results_dir")
+    atomic_write_bytes(path, json.dumps({**payload, "sha256": _digest(payload)}, indent=1).encode(), "probe results")
     return path
 
 

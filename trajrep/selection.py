@@ -5,7 +5,7 @@ at that epoch; per task (and, for single-t probes, per t) pick the learning rate
 accuracy over seeds and report mean and std of test accuracy at that rate. The best single t is chosen the same
 way, on validation; test accuracy never takes part in any choice. Summaries also say whether the selection can be
 trusted: a setting at the edge of its grid, or members that peak at their last epoch, mean the grid or the
-training was too short.
+training was too short. A learning rate at which any member diverged (non-finite loss) is never selected.
 """
 
 from collections import defaultdict
@@ -32,7 +32,10 @@ def _select(records: list[dict], epochs: int | None) -> dict:
     by_setting = defaultdict(list)
     for record in records:
         by_setting[record[key]].append(record)
-    value = max(by_setting, key=lambda v: (np.mean([r["val_acc"] for r in by_setting[v]]), -v))
+    # A setting where any member diverged is left out, so a mean over its surviving seeds cannot win.
+    diverged = sorted(v for v, group in by_setting.items() if any(r.get("diverged") for r in group))
+    stable = [v for v in by_setting if v not in diverged] or list(by_setting)
+    value = max(stable, key=lambda v: (np.mean([r["val_acc"] for r in by_setting[v]]), -v))
     chosen = by_setting[value]
     tests = np.array([r["test_acc"] for r in chosen])
     selected = {
@@ -42,7 +45,10 @@ def _select(records: list[dict], epochs: int | None) -> dict:
         "test_acc_std": float(tests.std(ddof=1)) if len(tests) > 1 else 0.0,
         "num_seeds": len(chosen),
     }
+    if diverged:
+        selected["diverged_settings"] = diverged
     if key == "lr":  # k of the kNN probe is the field's fixed pair (20, 200), not a search
+        # A diverged rate still brackets: it shows that the grid goes far enough on its side.
         selected["at_grid_edge"] = len(by_setting) < 3 or value in (min(by_setting), max(by_setting))
     if epochs is not None:
         selected["last_epoch_fraction"] = last_epoch_fraction(records, epochs)

@@ -6,6 +6,7 @@ place only when complete, so a killed run never leaves a cache that looks finish
 """
 
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -20,6 +21,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from trajrep.checks import ensure_writable
+from trajrep.disk import ensure_free_space, no_space
 from trajrep.errors import TrajrepError
 
 FORMAT_VERSION = 1
@@ -59,6 +61,13 @@ def label_file(split: str) -> str:
     return f"{split}/labels.npy"
 
 
+def reserve(path: Path) -> None:
+    """Give a freshly created (sparse) array file its blocks now: a full disk then fails here with ENOSPC rather
+    than as a SIGBUS ('Bus error') at the first write through the memory map."""
+    with open(path, "r+b") as file:
+        os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+
+
 @contextmanager
 def cache_lock(cache_dir: Path, key: str) -> Iterator[None]:
     """Exclusive lock per key, so two processes asking for the same cache build it once and never interleave."""
@@ -92,11 +101,25 @@ class CacheWriter:
         """Create the partial folder with zero-filled arrays (one process only, before any write)."""
         if self.partial.exists():
             shutil.rmtree(self.partial)
-        for split, size in self.split_sizes.items():
-            (self.partial / split).mkdir(parents=True)
-            for i in range(len(self.times)):
-                open_memmap(self.partial / time_file(split, i), "w+", self.dtype, (size, self.feature_dim)).flush()
-            open_memmap(self.partial / label_file(split), "w+", np.int64, (size, *self.label_shapes[split])).flush()
+        ensure_free_space(self.partial.parent, self.num_bytes(), "representation cache")
+        try:
+            for split, size in self.split_sizes.items():
+                (self.partial / split).mkdir(parents=True)
+                arrays = [(time_file(split, i), self.dtype, (size, self.feature_dim)) for i in range(len(self.times))]
+                for name, dtype, shape in [*arrays, (label_file(split), np.int64, (size, *self.label_shapes[split]))]:
+                    open_memmap(self.partial / name, "w+", dtype, shape).flush()
+                    reserve(self.partial / name)
+        except OSError as error:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            if error.errno == errno.ENOSPC:
+                raise no_space("representation cache", self.partial.parent, self.num_bytes()) from None
+            raise
+
+    def num_bytes(self) -> int:
+        """The size of the arrays on disk (headers aside)."""
+        itemsize = np.dtype(self.dtype).itemsize
+        return sum(size * (len(self.times) * self.feature_dim * itemsize + 8 * int(np.prod(self.label_shapes[split])))
+                   for split, size in self.split_sizes.items())
 
     def open(self) -> None:
         """Map the preallocated arrays for writing (every process)."""

@@ -209,6 +209,7 @@ class RepresentationDataModule(ProbeData):
             "checkpoint": str(checkpoint),
             "cache_key": self.cache_path.name,
             "weights": "ema" if ema else "raw",
+            "sde": {"sigma_min": model.sde.sigma_min, "sigma_max": model.sde.sigma_max},
             **({"batchnorm_calibration": model.batchnorm_calibration} if model.batchnorm_calibration else {}),
         })
 
