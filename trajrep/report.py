@@ -293,6 +293,7 @@ def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
                 ax.axhline(100 * np.mean(list(collected.cells[row][mixer].values())), color=colour, ls="--",
                            label=COLUMNS[mixer])
         ax.set_ylabel("test accuracy (%)")
+        ax.ticklabel_format(axis="y", useOffset=False)  # 99.99 %, not 0.00 + 9.999e1
         time_axes(ax, collected.sde.get(row))
         ax.set_title(panel_title(row), fontsize=9)
     shared_legend(figure, axes, "MLP at each t (band: ± std over pretraining seeds); dashed: probes over all t")
