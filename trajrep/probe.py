@@ -24,7 +24,7 @@ from trajrep.checks import ensure_writable
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
 from trajrep.nn.probes import HEADS, SingleTimeHead, build_head, clip_grad_norm_per_member_, random_time_subset
-from trajrep.results import result_path, settings_digest, write_results
+from trajrep.results import refuse_replacing, result_path, settings_digest, write_results
 from trajrep.selection import best_epochs, summarise
 
 PAPER_LEARNING_RATES = [1e-3, 7.5e-4, 5e-4, 2.5e-4, 1e-4, 5e-5]
@@ -65,10 +65,8 @@ def ensure_results_can_be_written(module: pl.LightningModule, probe: str) -> Non
     if not module.trainer.is_global_zero:
         return
     ensure_writable(module.hparams.results_dir, "results_dir")
-    path = result_path(module.hparams.results_dir, result_context(module, probe, None))
-    if path.exists() and not module.hparams.overwrite_results:
-        raise TrajrepError(f"{path} already holds results of these settings; pass --model.overwrite_results=true "
-                           "to replace them, or another --model.results_dir")
+    refuse_replacing(result_path(module.hparams.results_dir, result_context(module, probe, None)),
+                     module.hparams.overwrite_results)
 
 
 # What every head gets from the module itself, so not settable through head_kwargs.

@@ -50,6 +50,13 @@ def result_path(results_dir: str | Path, context: dict) -> Path:
                                 f"{'-' + digest if digest else ''}.json")
 
 
+def refuse_replacing(path: Path, overwrite: bool) -> None:
+    """Results of the same settings are replaced only when asked."""
+    if path.exists() and not overwrite:
+        raise TrajrepError(f"{path} already holds results of these settings; pass --model.overwrite_results=true "
+                           "to replace them, or another --model.results_dir")
+
+
 def settings_digest(settings: dict) -> str:
     """A short hash of what a probe's numbers depend on besides the representations (their cache key)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -70,9 +77,7 @@ def write_results(results_dir: str | Path, records: list[dict], summary: dict, c
         "context": context,
     }
     path = result_path(results_dir, context)
-    if path.exists() and not overwrite:
-        raise TrajrepError(f"{path} already holds results of these settings; pass --model.overwrite_results=true "
-                           "to replace them, or another --model.results_dir")
+    refuse_replacing(path, overwrite)
     atomic_write_bytes(path, json.dumps({**payload, "sha256": _digest(payload)}, indent=1).encode(), "probe results")
     return path
 
