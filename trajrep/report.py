@@ -23,6 +23,7 @@ import torch
 from scipy import stats
 
 from trajrep.checks import ensure_wandb_ready
+from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.results import probe_label, read_results
 from trajrep.similarity import mean_off_diagonal
@@ -240,9 +241,9 @@ def time_axes(ax: plt.Axes, sde: dict | None) -> None:
     if sde is None:
         return
     ticks = [0.0, 0.25, 0.5, 0.75, 1.0]
-    ratio = sde["sigma_max"] / sde["sigma_min"]
+    sigmas = VESDE(sde["sigma_min"], sde["sigma_max"]).sigma(torch.tensor(ticks, dtype=torch.float64)).tolist()
     top = ax.secondary_xaxis("top")
-    top.set_xticks(ticks, labels=[f"{sde['sigma_min'] * ratio ** t:.2g}" for t in ticks], fontsize=7)
+    top.set_xticks(ticks, labels=[f"{sigma:.2g}" for sigma in sigmas], fontsize=7)
     top.set_xlabel("noise scale sigma(t)", fontsize=8)
 
 

@@ -59,7 +59,7 @@ def refuse_replacing(path: Path, overwrite: bool) -> None:
 
 def settings_digest(settings: dict) -> str:
     """A short hash of what a probe's numbers depend on besides the representations (their cache key)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return _digest(settings)[:8]
 
 
 def write_results(results_dir: str | Path, records: list[dict], summary: dict, context: dict,
