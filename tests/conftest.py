@@ -50,8 +50,10 @@ def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
     return root / "checkpoints" / "last.ckpt"
 
 
-def kill_when(command: list[str], ready: Callable[[], bool], cwd: pathlib.Path, timeout: float = 300) -> None:
-    """Start `command`, SIGKILL it (and any child) as soon as `ready()` holds; fail if it ends or times out first."""
+def kill_when(command: list[str], ready: Callable[[], bool], cwd: pathlib.Path, timeout: float = 300,
+              sig: signal.Signals = signal.SIGKILL) -> int:
+    """Start `command`, send `sig` to it and any child (SIGINT: as Ctrl+C does) as soon as `ready()` holds, and
+    return its exit code; fail if it ends or times out first."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would stall a chatty child
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -66,8 +68,8 @@ def kill_when(command: list[str], ready: Callable[[], bool], cwd: pathlib.Path, 
                 process.wait()
                 pytest.fail("the run never reached the point to kill it at")
             time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(process.pid, sig)
+        return process.wait(timeout=120)
 
 
 @pytest.fixture

@@ -113,6 +113,13 @@ def test_missing_checkpoint(tmp_path, capsys):
     assert "does not exist" in one_line_error(fit("--ckpt_path", str(tmp_path / "gone.ckpt")), capsys)
 
 
+def test_relative_checkpoint_of_a_config_is_read_from_the_working_directory(capsys):
+    # configs/probe/data/quickstart.yaml names runs/quickstart/checkpoints/last.ckpt, absent in this scratch folder
+    error = one_line_error(["fit", "--config", "configs/probe/mlp.yaml"], capsys)
+    assert f"runs/quickstart/checkpoints/last.ckpt does not exist (a relative path, in a config file too, is read " \
+           f"from the working directory {pathlib.Path.cwd()})" in error
+
+
 def test_truncated_checkpoint(tiny_checkpoint, tmp_path, capsys):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(tiny_checkpoint.read_bytes()[:4096])

@@ -6,9 +6,11 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import QUICKSTART, REPO
 from trajrep.cli import main
+from trajrep.data import ImageFolder
 from trajrep.data.cache import FORMAT_VERSION, RepresentationCache
 from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
@@ -86,6 +88,25 @@ def test_changed_grid_dataset_or_weights_give_a_new_key(cache, tiny_checkpoint, 
     state["current_model_state"][first] += 1.0
     torch.save(state, tmp_path / "changed.ckpt")
     assert key_of(checkpoint=str(tmp_path / "changed.ckpt")) != cache.name
+
+
+def test_replaced_image_files_give_a_new_key_and_unchanged_ones_the_same(tiny_checkpoint, tmp_path):
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (tmp_path / "images" / split / label).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (32, 32), (40 * i, 120, 200)).save(tmp_path / "images" / split / label / f"{i}.png")
+
+    def key() -> str:
+        images = ImageFolder(root=str(tmp_path / "images"), image_size=32)
+        return RepresentationDataModule(checkpoint=str(tiny_checkpoint), images=images, granularities=[2],
+                                        cache_dir=str(tmp_path / "cache")).cache_path.name
+
+    before = key()
+    assert key() == before
+    for image in (tmp_path / "images").rglob("*.png"):
+        Image.new("RGB", (32, 32)).save(image)  # every image black, same names
+    assert key() != before
 
 
 def test_edited_or_truncated_arrays_are_detected(cache, tmp_path):

@@ -6,8 +6,11 @@ import sys
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
 from conftest import QUICKSTART, tiny_fit_args
+import trajrep.cli
 from trajrep.cli import main
 
 # Every runnable config; configs/**/data/ holds datamodule fragments that the probe configs include,
@@ -29,6 +32,34 @@ def test_every_config_parses(config, capsys):
         main(["fit", *extra, "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     assert "class_path" in capsys.readouterr().out
+
+
+def named_in_configs(base: type) -> list[type]:
+    """The subclasses of `base` that configs can name by class name alone (those the CLI imports)."""
+    found, todo = [], [base]
+    while todo:
+        for cls in todo.pop().__subclasses__():
+            todo.append(cls)
+            if cls.__module__.startswith("trajrep.") and vars(trajrep.cli).get(cls.__name__) is cls:
+                found.append(cls)
+    return found
+
+
+CONFIGURABLE = [cls for base in (LightningModule, LightningDataModule, Callback) for cls in named_in_configs(base)]
+
+
+@pytest.mark.parametrize("cls", CONFIGURABLE, ids=[cls.__name__ for cls in CONFIGURABLE])
+def test_every_option_of_a_configurable_class_has_a_help_text(cls):
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "x")
+    options = [action.dest for action in parser._actions if action.dest.startswith("x.")]
+    assert options and [dest for dest in options if not parser._option_string_actions[f"--{dest}"].help] == []
+
+
+def test_probe_kind_help_lists_the_heads(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "ProbeModule"])
+    assert "--model.kind {mlp,linear,gru,transformer,concat,mean,weighted,continuous}" in capsys.readouterr().out
 
 
 def test_quickstart_trains_writes_checkpoint_and_resumes(tmp_path):

@@ -215,6 +215,14 @@ def fake_fashion(root: pathlib.Path, num_train: int = 12, num_test: int = 5) -> 
     return arrays
 
 
+def test_fashion_identity_changes_when_a_file_is_replaced(tmp_path):
+    fake_fashion(tmp_path)
+    identity = FashionMNIST(root=str(tmp_path)).identity()
+    assert FashionMNIST(root=str(tmp_path)).identity() == identity
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 2049, np.zeros(5, dtype=np.uint8))  # other test labels
+    assert FashionMNIST(root=str(tmp_path)).identity() != identity
+
+
 def test_fashion_reads_idx_files_and_pads_to_32(tmp_path, monkeypatch):
     arrays = fake_fashion(tmp_path)
     forbid_loading(monkeypatch, FashionMNIST)

@@ -1,6 +1,8 @@
-"""Kill -9 and resume: a real subprocess is killed mid-way and rerun; the outcome equals an uninterrupted run."""
+"""Kill -9 (or Ctrl+C) and resume: a real subprocess is stopped mid-way and rerun; the outcome equals an
+uninterrupted run."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +100,30 @@ def test_killed_extraction_leaves_no_cache_and_the_rerun_equals_a_straight_one(t
     assert straight_arrays.keys() == rebuilt_arrays.keys()
     for name, values in straight_arrays.items():
         np.testing.assert_array_equal(rebuilt_arrays[name], values, err_msg=name)
+
+
+@pytest.mark.slow
+def test_interrupted_extraction_exits_with_an_error_and_leaves_no_cache(tiny_checkpoint, tmp_path):
+    def writing() -> bool:
+        return any(tmp_path.glob(".*.partial/test/*.npy")) or any(tmp_path.glob(".*.partial/manifest.json"))
+
+    code = kill_when(extract_command(tiny_checkpoint, tmp_path), writing, cwd=REPO, sig=signal.SIGINT)
+    assert code != 0 and not caches_in(tmp_path)
+    subprocess.run(extract_command(tiny_checkpoint, tmp_path), check=True, capture_output=True, timeout=300)
+    (cache,) = caches_in(tmp_path)
+    RepresentationCache(cache)
+
+
+@pytest.mark.slow
+def test_two_extractions_of_different_grids_into_one_folder_at_once(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    commands = [[*extract_command(tiny_checkpoint, tmp_path), f"--granularities=[{g}]"] for g in (50, 40)]
+    processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for command in commands]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    caches = [RepresentationCache(path) for path in caches_in(tmp_path)]
+    assert sorted(len(cache.times) for cache in caches) == [41, 51]
 
 
 @pytest.mark.slow

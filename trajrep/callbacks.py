@@ -15,6 +15,11 @@ class EMA(EMAWeightAveraging):
     """Lightning's EMAWeightAveraging with a picklable update rule, so that it also works under ddp_spawn.
 
     Checkpoints hold the EMA weights in `state_dict` and the raw weights in `current_model_state`.
+
+    Args:
+        decay: weight of the running average at each update.
+        update_every_n_steps: optimizer steps between updates.
+        update_starting_at_step: first step that updates; None from the start.
     """
 
     def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1,

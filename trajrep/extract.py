@@ -144,7 +144,9 @@ def existing_checkpoint(ckpt_path: str | Path) -> Path:
     """The path of a checkpoint file, or a clear error when there is none."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise TrajrepError(f"checkpoint {path} does not exist; give the .ckpt written by `trajrep fit` "
+        read_from = "" if path.is_absolute() else (f" (a relative path, in a config file too, is read from the "
+                                                   f"working directory {Path.cwd()})")
+        raise TrajrepError(f"checkpoint {path} does not exist{read_from}; give the .ckpt written by `trajrep fit` "
                            "(e.g. runs/quickstart/checkpoints/last.ckpt)")
     return path
 

@@ -35,6 +35,18 @@ class KNNProbe(pl.LightningModule):
 
     Run with `trajrep validate`: the training split of the datamodule is the neighbour bank, the validation
     loaders are its val and test splits. The arguments after `temperature` are linked from the datamodule.
+
+    Args:
+        ks: the neighbour counts k, each reported.
+        temperature: of the exp(similarity / temperature) weights of the neighbours' votes.
+        num_classes: classes per task (set from the data).
+        task_names: names of the tasks (set from the data).
+        feature_dim: size of each representation (set from the data).
+        times: the t of the representations served (set from the data).
+        seeds: set from the data; unused (kNN draws nothing at random).
+        results_dir: folder of the result files.
+        encoder_name: the pretraining variant's name in tables (a preset's encoder name).
+        overwrite_results: replace a result file of the same settings instead of refusing.
     """
 
     def __init__(

@@ -113,6 +113,17 @@ class OnlineProbe(pl.Callback):
     It draws nothing from the training RNG stream, so resumed runs stay exact. Under DDP only rank 0 probes and
     logs, with no collective call inside (nothing can hang; the other ranks wait for it at the next gradient
     all-reduce). `every_n_steps: 0` turns the periodic probe off; `probe(trainer, module)` runs it on demand.
+
+    Args:
+        every_n_steps: optimizer steps between probes; 0 probes only at the end.
+        times: the t probed.
+        num_train: labelled training images of the ridge probe.
+        num_heldout: images it is evaluated on.
+        task: the label column probed (multi-task data).
+        ridge: the ridge penalty, relative to the (unit) variance of the standardised features.
+        seed: the draw of the probe's images.
+        pass_size: images x times per encoder pass.
+        at_end: also probe at the last step.
     """
 
     def __init__(self, every_n_steps: int = 500, times: tuple[float, ...] = DEFAULT_TIMES, num_train: int = 5000,

@@ -40,6 +40,30 @@ class PretrainModule(pl.LightningModule):
     `adam_impl` picks torch's Adam kernel (None: torch's choice, foreach on GPUs; "fused" cannot be combined with
     the Trainer's gradient clipping under mixed precision, which Lightning refuses).
     Mixed precision is the Trainer's `precision: bf16-mixed`; the data's `device_resident` keeps images on the GPU.
+
+    Args:
+        image_channels: channels of the images (set from the data).
+        image_size: height and width of the images (set from the data).
+        mode: reg-drl (L1 on E), probabilistic-drl (Gaussian posterior, KL to N(0, I)) or noreg-drl (no regulariser).
+        encoder_depth: depth of the Wide-ResNet encoder (6n + 4).
+        widen_factor: width multiplier k of the encoder's stages (16k, 32k, 64k channels).
+        latent_dim: size d_z of E(x0, t); None gives the last stage's width, 64k.
+        nf: base channel count of the score U-Net.
+        ch_mult: channel multiplier of each U-Net resolution.
+        num_res_blocks: residual blocks per U-Net resolution.
+        attn_resolutions: resolutions (px) whose U-Net blocks have self-attention.
+        dropout: dropout inside the U-Net's residual blocks.
+        latent_bottleneck: also inject E(x0, t) at the U-Net's lowest resolution.
+        sigma_min: noise std at t = 0 of the VE SDE.
+        sigma_max: noise std at t = 1 of the VE SDE.
+        t_min: smallest t drawn in training (avoids sigma -> sigma_min exactly).
+        reg_weight: weight of the L1 or KL term beside the denoising loss.
+        lr: Adam learning rate after warm-up.
+        warmup_steps: steps of linear learning-rate warm-up.
+        compile: torch.compile the encoder and the score net.
+        channels_last: NHWC memory layout for images and conv weights.
+        matmul_precision: torch.set_float32_matmul_precision; None leaves torch's setting.
+        adam_impl: Adam kernel (for-loop, foreach, fused); None lets torch choose.
     """
 
     def __init__(

@@ -23,7 +23,7 @@ from torchmetrics import Metric
 from trajrep.checks import ensure_writable
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
-from trajrep.nn.probes import HEADS, SingleTimeHead, build_head, clip_grad_norm_per_member_, random_time_subset
+from trajrep.nn.probes import HEADS, ProbeKind, SingleTimeHead, build_head, clip_grad_norm_per_member_, random_time_subset
 from trajrep.results import refuse_replacing, result_path, settings_digest, write_results
 from trajrep.selection import best_epochs, summarise
 
@@ -110,11 +110,30 @@ class ProbeModule(pl.LightningModule):
     at the end), both with the member's weights at its best validation epoch, the epoch its accuracy comes from.
     `encoder_name` names the pretraining variant in the results (a preset's encoder name), so that two variants of
     one mode and width stay apart in tables.
+
+    Args:
+        kind: the head: mlp or linear (one per t); gru, transformer or continuous (a transformer that reads sigma(t)),
+            the mixers over t; concat, mean or weighted, baselines (an MLP on all t concatenated, on their mean, on a
+            learned weighted sum).
+        learning_rates: the lr grid; every lr x seed is one member, the lr is selected on validation.
+        seeds: probe seeds (set from the data's seeds).
+        weight_decay: Adam's L2 weight decay.
+        grad_clip: per-member gradient norm clip; None clips the mixers at 1.0 and nothing else.
+        num_classes: classes per task (set from the data).
+        task_names: names of the tasks (set from the data).
+        feature_dim: size of each representation (set from the data).
+        times: the t of the representations served (set from the data).
+        head_kwargs: options of the head (e.g. hidden sizes); an unknown key is refused with the valid ones.
+        results_dir: folder of the result files.
+        member_chunk: members trained together per forward/backward; None: a default per kind, sized for CPU caches.
+        export_attention: for attention heads, also record attention over t and the masking ablation.
+        encoder_name: the pretraining variant's name in tables (a preset's encoder name).
+        overwrite_results: replace a result file of the same settings instead of refusing.
     """
 
     def __init__(
         self,
-        kind: str = "mlp",
+        kind: ProbeKind = "mlp",
         learning_rates: list[float] = PAPER_LEARNING_RATES,
         seeds: list[int] = [0, 1, 2, 3, 4],
         weight_decay: float = 1e-5,

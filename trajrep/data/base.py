@@ -5,9 +5,11 @@ happen after the batch reaches the device (`normalize`), so loaders stay cheap a
 identically by pretraining and by representation extraction.
 """
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +22,16 @@ from trajrep.threads import default_workers
 # Bump when the images a dataset produces change for the same settings, so that caches keyed by `identity` go stale.
 DATA_FORMAT_VERSION = 1
 SPLITS = ("train", "test")
+
+
+def files_fingerprint(files: Iterable[Path]) -> str:
+    """SHA-256 over each file's path, size and modification time: it changes when a file is replaced, added or
+    removed, without reading gigabytes of images on every run."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 class EpochShuffle(Sampler[int]):
@@ -75,6 +87,12 @@ class ImageDataModule(LightningDataModule, ABC):
 
     `device_resident` keeps the training split on the training device as two tensors and gathers each batch there
     (a GPU fast path for small datasets such as CIFAR, 150 MB as uint8): no loader workers, no host copies.
+
+    Args:
+        batch_size: images per training batch.
+        num_workers: loader worker processes (0 loads in the main process).
+        drop_last: drop the last incomplete training batch.
+        device_resident: keep the training split on the training device (GPU fast path).
     """
 
     def __init__(self, batch_size: int = 100, num_workers: int | None = 0, drop_last: bool = True,
@@ -115,6 +133,11 @@ class ImageDataModule(LightningDataModule, ABC):
     def _identity_params(self) -> dict[str, Any]:
         """The settings, besides shape and normalisation, that change which images or labels are served."""
 
+    def _data_files(self) -> list[Path]:
+        """The files images and labels are read from, fingerprinted into `identity` so that replacing one gives a
+        new cache. None for generated data, or for files whose contents are checked against published checksums."""
+        return []
+
     @abstractmethod
     def _load(self, split: str) -> Dataset:
         """Read one official split; called once per split."""
@@ -130,6 +153,7 @@ class ImageDataModule(LightningDataModule, ABC):
             "task_names": list(self.task_names),
             "mean": None if self.mean is None else list(self.mean),
             "std": None if self.std is None else list(self.std),
+            "files_sha256": files_fingerprint(self._data_files()),
             **self._identity_params(),
         }
 

@@ -9,6 +9,7 @@ official validation partition is not used (trajrep's probes carve their own vali
 Images are centre-cropped to a square and resized; each attribute is one task with classes {0: -1, 1: +1}.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,15 @@ def read_attributes(path: Path) -> tuple[list[str], dict[str, list[int]]]:
 
 class CelebA(ImageDataModule):
     """CelebA at `image_size` px (64 by default), 40 binary attribute tasks; `root` holds torchvision's `celeba`
-    folder. `num_train` / `num_test` keep the first n images of a split (small runs)."""
+    folder. `num_train` / `num_test` keep the first n images of a split (small runs).
+
+    Args:
+        root: folder holding torchvision's `celeba` folder.
+        image_size: side of the square images after the centre crop.
+        num_train: keep the first n training images; None keeps the whole partition.
+        num_test: keep the first n test images; None keeps the whole partition.
+        num_workers: loader worker processes; None: the CPUs available besides the main process, at most 4.
+    """
 
     def __init__(self, root: str = "data/celeba", image_size: int = 64, num_train: int | None = None,
                  num_test: int | None = None, batch_size: int = 100, num_workers: int | None = None,
@@ -94,6 +103,10 @@ class CelebA(ImageDataModule):
     def _identity_params(self) -> dict[str, Any]:
         return {"root": str(self._folder), "image_size": self.hparams.image_size, "crop": "centre",
                 "num_train": self.hparams.num_train, "num_test": self.hparams.num_test}
+
+    def _data_files(self) -> list[Path]:
+        return [self._folder / ATTRIBUTES, self._folder / PARTITION,
+                *(Path(entry.path) for entry in os.scandir(self._folder / IMAGES) if entry.is_file())]
 
     def _load(self, split: str) -> Dataset:
         _, attributes = read_attributes(self._folder / ATTRIBUTES)

@@ -135,7 +135,12 @@ class CIFARDataModule(ImageDataModule):
 
 
 class CIFAR10(CIFARDataModule):
-    """CIFAR-10: 10 classes, 50k / 10k, standardised with the SPEC §5 statistics."""
+    """CIFAR-10: 10 classes, 50k / 10k, standardised with the SPEC §5 statistics.
+
+    Args:
+        root: folder holding torchvision's `cifar-10-batches-py` folder.
+        download: fetch the files into root when they are missing (needs internet).
+    """
 
     def __init__(self, root: str = "data/cifar10", download: bool = False, batch_size: int = 100,
                  num_workers: int = 0, drop_last: bool = True, device_resident: bool = False) -> None:
@@ -143,7 +148,12 @@ class CIFAR10(CIFARDataModule):
 
 
 class CIFAR100(CIFARDataModule):
-    """CIFAR-100 (fine labels): 100 classes, 50k / 10k, standardised with the SPEC §5 statistics."""
+    """CIFAR-100 (fine labels): 100 classes, 50k / 10k, standardised with the SPEC §5 statistics.
+
+    Args:
+        root: folder holding torchvision's `cifar-100-python` folder.
+        download: fetch the files into root when they are missing (needs internet).
+    """
 
     def __init__(self, root: str = "data/cifar100", download: bool = False, batch_size: int = 100,
                  num_workers: int = 0, drop_last: bool = True, device_resident: bool = False) -> None:

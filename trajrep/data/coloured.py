@@ -35,7 +35,12 @@ def colour_images(grey: torch.Tensor, background: torch.Tensor, foreground: torc
 class Coloured(ImageDataModule):
     """3xHxW colour versions of a 1-channel `source` (e.g. FashionMNIST) with 3 tasks: class, background colour
     (9), foreground colour (9, never the background). The colours of each split are drawn from (`seed`, split).
-    Images stay in [0, 1] (no standardisation)."""
+    Images stay in [0, 1] (no standardisation).
+
+    Args:
+        source: the 1-channel, single-task datamodule to colour.
+        seed: the colour draws (each split draws from its own stream).
+    """
 
     def __init__(self, source: ImageDataModule, seed: int = 0, batch_size: int = 100, num_workers: int = 0,
                  drop_last: bool = True, device_resident: bool = False) -> None:

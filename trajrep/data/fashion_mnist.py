@@ -53,6 +53,11 @@ class FashionMNIST(ImageDataModule):
 
     `root` holds the four original .gz files; the default is the Debian package's folder. `num_train` keeps only
     the first n training images and `num_test` the first n test images (small presets).
+
+    Args:
+        root: folder of the four IDX .gz files; None: /usr/share/datasets/fashion-mnist.
+        num_train: keep the first n training images; None keeps all 60,000.
+        num_test: keep the first n test images; None keeps all 10,000.
     """
 
     def __init__(
@@ -74,8 +79,8 @@ class FashionMNIST(ImageDataModule):
         self.save_hyperparameters()
 
     def _check_files(self) -> None:
-        names = [name for pair in FILES.values() for name in pair]
-        missing = [name for name in names if not (self._root / name).is_file()]
+        names = [path.name for path in self._data_files()]
+        missing = [path.name for path in self._data_files() if not path.is_file()]
         if missing:
             where = "does not exist" if not self._root.is_dir() else f"lacks {', '.join(missing)}"
             raise TrajrepError(f"Fashion-MNIST root {self._root} {where}; it needs {', '.join(names)}. Install them "
@@ -93,6 +98,9 @@ class FashionMNIST(ImageDataModule):
     def _identity_params(self) -> dict[str, Any]:
         return {"root": str(self._root), "num_train": self.hparams.num_train, "num_test": self.hparams.num_test,
                 "padding": PAD}
+
+    def _data_files(self) -> list[Path]:
+        return [self._root / name for pair in FILES.values() for name in pair]
 
     def _load(self, split: str) -> Dataset:
         images_file, labels_file = FILES[split]

@@ -12,6 +12,7 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from trajrep.data.base import SPLITS, ImageDataModule
 from trajrep.errors import TrajrepError
@@ -66,6 +67,17 @@ class ImageFolder(ImageDataModule):
     `mean` and `std` (one value per channel) standardise the images on the device; leave both unset to keep
     [0, 1]. `num_train` / `num_test` keep a class-balanced subset of a split (as equal per class as the classes
     allow), drawn with `subset_seed`; unset keeps every image.
+
+    Args:
+        root: folder holding train/<class>/<image> and test/<class>/<image>.
+        image_size: side of the square images after resizing.
+        channels: 1 (grey) or 3 (RGB).
+        mean: per-channel mean subtracted on the device; None with std None keeps [0, 1].
+        std: per-channel std divided by on the device.
+        num_train: size of a class-balanced training subset; None keeps every image.
+        num_test: size of a class-balanced test subset; None keeps every image.
+        subset_seed: the draw of the subsets.
+        num_workers: loader worker processes; None: the CPUs available besides the main process, at most 4.
     """
 
     def __init__(
@@ -127,6 +139,11 @@ class ImageFolder(ImageDataModule):
     def _identity_params(self) -> dict[str, Any]:
         return {"root": str(self._root), "classes": self.classes, "num_train": self.hparams.num_train,
                 "num_test": self.hparams.num_test, "subset_seed": self.hparams.subset_seed}
+
+    def _data_files(self) -> list[Path]:
+        return [Path(path) for split in SPLITS
+                for path, _ in torchvision.datasets.folder.make_dataset(str(self._root / split),
+                                                                        extensions=IMG_EXTENSIONS, allow_empty=True)]
 
     def _load(self, split: str) -> Dataset:
         size = self.hparams.image_size

@@ -157,6 +157,26 @@ class RepresentationDataModule(ProbeData):
     known right after construction, for the CLI's argument links. The train/validation split of the official
     training set is fixed by `split_seed`, identical for every probe. `dataset_name` is what tables and figures
     call the data (a preset passes its dataset's name); by default the image datamodule's class name.
+
+    Args:
+        checkpoint: the .ckpt written by `trajrep fit`.
+        images: the image datamodule the encoder reads (as in pretraining).
+        times: explicit t of the cached grid.
+        granularities: grids {0, 1/g, ..., 1} added to the times (the paper's g).
+        probe_times: serve only these t of the grid; None serves all.
+        ema: extract the EMA weights instead of the raw ones.
+        dtype: storage type of the cache.
+        cache_dir: folder of the caches (one subfolder per key).
+        extract_batch_size: images per extraction batch.
+        val_fraction: share of the official training split held out for selection.
+        split_seed: the draw of the validation split.
+        seeds: the probe seeds (each lr is trained once per seed).
+        batch_size: training batch of the probes.
+        eval_batch_size: batch of validation and test passes.
+        recompute: rebuild the cache even when it exists.
+        standardize: scale every dimension at every t to mean 0, std 1 (train statistics).
+        replicate_time: serve the representation at this t in every position (the mixers' capacity control).
+        dataset_name: the data's name in tables and figures.
     """
 
     def __init__(
@@ -241,7 +261,18 @@ class RepresentationDataModule(ProbeData):
 class PixelProbeData(ProbeData):
     """The raw-pixel control: each image's normalised pixels as one representation (N, 1, C*H*W), split into
     train/val exactly as RepresentationDataModule splits the same images (`dataset_name` as there). Probe it with
-    the single-t heads (mlp, linear) or kNN."""
+    the single-t heads (mlp, linear) or kNN.
+
+    Args:
+        images: the image datamodule whose pixels are probed.
+        val_fraction: share of the official training split held out for selection.
+        split_seed: the draw of the validation split.
+        seeds: the probe seeds.
+        batch_size: training batch of the probes.
+        eval_batch_size: batch of validation and test passes.
+        standardize: scale every pixel to mean 0, std 1 (train statistics).
+        dataset_name: the data's name in tables and figures.
+    """
 
     def __init__(self, images: ImageDataModule, val_fraction: float = 0.1, split_seed: int = 0,
                  seeds: list[int] = [0, 1, 2, 3, 4], batch_size: int = 256, eval_batch_size: int = 1024,

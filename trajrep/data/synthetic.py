@@ -68,6 +68,11 @@ class SyntheticShapes(ImageDataModule):
 
     All 5,760 combinations exist once; a permutation drawn from `seed` gives the first `num_train` to train and the
     next `num_test` (default: all the rest) to test. Images stay in [0, 1] (no standardisation).
+
+    Args:
+        seed: the permutation that splits the combinations into train and test.
+        num_train: training images.
+        num_test: test images; None takes all the combinations left.
     """
 
     def __init__(

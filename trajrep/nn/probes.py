@@ -8,6 +8,7 @@ Train with `per_member_loss(...).sum()`, `clip_grad_norm_per_member_` and `Group
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -335,7 +336,8 @@ class ContinuousTransformerHead(_TokenMixerHead):
         return self.time_proj(features.expand(self.num_members, -1, -1)).unsqueeze(1)
 
 
-HEADS: dict[str, type[ProbeHead]] = {
+ProbeKind = Literal["mlp", "linear", "gru", "transformer", "concat", "mean", "weighted", "continuous"]
+HEADS: dict[ProbeKind, type[ProbeHead]] = {
     "mlp": MLPHead,
     "linear": LinearHead,
     "gru": GRUHead,
