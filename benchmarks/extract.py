@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 
 from trajrep.data.synthetic import SyntheticShapes
-from trajrep.extract import PASS_SIZE, extract_representations
+from trajrep.extract import CPU_PASS_SIZE, extract_representations
 from trajrep.pretrain import PretrainModule
 from trajrep.timegrid import build_time_grid
 
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (both methods)")
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--widen-factor", type=float, default=0.5)
-    parser.add_argument("--pass-size", type=int, default=PASS_SIZE, help="encoder inputs per pass when extracting")
+    parser.add_argument("--pass-size", type=int, default=CPU_PASS_SIZE, help="encoder inputs per pass when extracting")
     parser.add_argument("--repeats", type=int, default=2, help="alternating timings of each side (best kept)")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -74,7 +74,7 @@ def main() -> None:
     print(f"pretraining: {step:.3f} s per step ({args.steps} timed steps after {args.warmup}, best of "
           f"{args.rounds} rounds)")
     print(f"probe: {probe_seconds:.2f} s for {train + heldout} images x {len(probe.times)} t "
-          f"({train} train / {heldout} held out, pass size {probe.pass_size})")
+          f"({train} train / {heldout} held out, pass size {probe.encoder_pass_size})")
     ratio = probe_seconds / (args.every_n_steps * step)
     print(f"ratio at every_n_steps={args.every_n_steps}: {probe_seconds:.2f} s / "
           f"({args.every_n_steps} x {step:.3f} s) = {ratio:.1%} of pretraining time")

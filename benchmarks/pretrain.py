@@ -73,7 +73,7 @@ def run(variant: dict, sizes: dict, batch_size: int, steps: int, warmup: int, ac
     pl.seed_everything(0)
     data = SyntheticShapes(num_train=batch_size * (steps + warmup), num_test=batch_size, batch_size=batch_size,
                            **variant.get("data", {}))
-    module = PretrainModule(**sizes, warmup_steps=1, **variant.get("model", {}))
+    module = PretrainModule(**sizes, warmup_steps=1, **{"compile": False, **variant.get("model", {})})  # eager baseline
     clock = StepClock(warmup)
     pl.Trainer(accelerator=accelerator, devices=1, max_steps=steps + warmup, logger=False,
                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

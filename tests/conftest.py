@@ -1,12 +1,15 @@
 import os
 import pathlib
+import pickle
 from collections.abc import Callable
 import signal
 import subprocess
 import tempfile
 import time
 
+import numpy as np
 import pytest
+import torchvision
 
 # W&B must never need an account or the network in tests.
 os.environ["WANDB_MODE"] = "disabled"
@@ -29,6 +32,27 @@ def tiny_fit_args(root: pathlib.Path, max_steps: int, *extra: str) -> list[str]:
         "--model.init_args.nf=8", "--model.init_args.widen_factor=0.125",
         *extra,
     ]
+
+
+def fake_cifar(root: pathlib.Path, monkeypatch, variant: str = "cifar10",
+               per_batch: int = 4) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """A tiny CIFAR-10 (or CIFAR-100) folder in torchvision's python format, `per_batch` random images per batch
+    file; the md5 check is patched out since the files are fake."""
+    reader = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[variant]
+    folder = root / reader.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    label_key, num_classes = ("labels", 10) if variant == "cifar10" else ("fine_labels", 100)
+    batches = {}
+    for name, _ in reader.train_list + reader.test_list:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, num_classes, size=per_batch).tolist()
+        (folder / name).write_bytes(pickle.dumps({"data": data, label_key: labels}))
+        batches[name] = (data, labels)
+    meta = {reader.meta["key"]: [f"c{i}" for i in range(num_classes)]}
+    (folder / reader.meta["filename"]).write_bytes(pickle.dumps(meta))
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+    return batches
 
 
 @pytest.fixture(autouse=True)

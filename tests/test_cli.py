@@ -1,5 +1,6 @@
 """The `trajrep` command end to end: configs parse, the quickstart trains and resumes, bad input fails clearly."""
 
+import logging
 import pathlib
 import subprocess
 import sys
@@ -9,9 +10,11 @@ import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
-from conftest import QUICKSTART, tiny_fit_args
+from conftest import QUICKSTART, fake_cifar, tiny_fit_args
 import trajrep.cli
 from trajrep.cli import main
+from trajrep.pretrain import PretrainModule
+from trajrep.threads import available_cpus
 
 # Every runnable config; configs/**/data/ holds datamodule fragments that the probe configs include,
 # configs/presets/ the pipeline presets of trajrep.reproduce (tested in test_reproduce.py) and configs/regime/ the
@@ -60,6 +63,27 @@ def test_probe_kind_help_lists_the_heads(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "ProbeModule"])
     assert "--model.kind {mlp,linear,gru,transformer,concat,mean,weighted,continuous}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["cifar10", "cifar100"])
+def test_paper_config_trains_on_a_cpu_without_compiling(variant, tmp_path, monkeypatch, caplog):
+    per_file = {"cifar10": 20, "cifar100": 100}[variant]  # 100 training images in 5 files or in 1
+    fake_cifar(pathlib.Path("data") / variant, monkeypatch, variant, per_batch=per_file)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(self))
+    with caplog.at_level(logging.INFO):
+        main(["fit", "--config", f"configs/{variant}.yaml", "--trainer.max_steps=2",
+              "--trainer.enable_progress_bar=false"])
+    checkpoint = torch.load(pathlib.Path("runs") / variant / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2 and compiled == []
+    if available_cpus() < 4:  # the config asks for 4 loader workers
+        assert f"num_workers 4 capped at the {available_cpus()} CPUs available" in caplog.text
+
+
+def test_compile_auto_is_on_only_on_cuda():
+    assert PretrainModule(compile="auto").compiles is False  # a module without a Trainer is on the CPU
+    assert PretrainModule(compile=True).compiles is True and PretrainModule(compile=False).compiles is False
 
 
 def test_quickstart_trains_writes_checkpoint_and_resumes(tmp_path):

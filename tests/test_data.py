@@ -11,10 +11,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
-from conftest import tiny_fit_args
+from conftest import fake_cifar, tiny_fit_args
 from trajrep.cli import main
 from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, ImageDataModule, ImageFolder,
                           SyntheticShapes)
@@ -168,7 +167,7 @@ def test_unnormalised_data_is_scaled_to_unit_interval():
 
 
 def test_cifar_normalisation_standardises_each_channel(tmp_path, monkeypatch):
-    fake_cifar10(tmp_path, monkeypatch)
+    fake_cifar(tmp_path, monkeypatch)
     data = CIFAR10(root=str(tmp_path))
     mean, std = torch.tensor(data.mean), torch.tensor(data.std)
     # A batch whose channel c is the constant v_c comes out as (v_c / 255 - mean_c) / std_c everywhere.
@@ -295,24 +294,8 @@ def test_fashion_truncated_or_wrong_files_are_named(tmp_path):
 
 # ---------------------------------------------------------------- CIFAR
 
-def fake_cifar10(root: pathlib.Path, monkeypatch, per_batch: int = 4) -> dict[str, tuple[np.ndarray, list[int]]]:
-    """A tiny CIFAR-10 folder in torchvision's python format; the md5 check is patched out since the files are fake."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=per_batch).tolist()
-        (folder / name).write_bytes(pickle.dumps({"data": data, "labels": labels}))
-        batches[name] = (data, labels)
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
-    return batches
-
-
 def test_cifar_loads_whole_split_as_uint8_tensor(tmp_path, monkeypatch):
-    batches = fake_cifar10(tmp_path, monkeypatch)
+    batches = fake_cifar(tmp_path, monkeypatch)
     data = CIFAR10(root=str(tmp_path))
     images, labels = data.dataset("train").tensors
     expected = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
@@ -326,7 +309,7 @@ def test_cifar_loads_whole_split_as_uint8_tensor(tmp_path, monkeypatch):
 
 
 def test_cifar_description_is_known_without_reading(tmp_path, monkeypatch):
-    fake_cifar10(tmp_path, monkeypatch)
+    fake_cifar(tmp_path, monkeypatch)
     forbid_loading(monkeypatch, CIFAR10)
     data = CIFAR10(root=str(tmp_path), batch_size=50)
     assert (data.image_shape, data.num_classes) == ((3, 32, 32), [10])
@@ -344,7 +327,7 @@ def test_cifar_missing_folder_says_where_and_how(tmp_path):
 
 
 def test_cifar_corrupted_files_are_a_clear_error(tmp_path, monkeypatch):
-    fake_cifar10(tmp_path, monkeypatch)
+    fake_cifar(tmp_path, monkeypatch)
     monkeypatch.undo()  # the real md5 check now rejects the fake files
     data = CIFAR10(root=str(tmp_path))
     with pytest.raises(TrajrepError, match="data_batch_1 is missing or fails its checksum.*download: true"):
@@ -352,7 +335,7 @@ def test_cifar_corrupted_files_are_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cifar_batch_that_would_run_code_is_refused(tmp_path, monkeypatch):
-    fake_cifar10(tmp_path, monkeypatch)
+    fake_cifar(tmp_path, monkeypatch)
 
     class RunsCode:
         def __reduce__(self):

@@ -26,7 +26,7 @@ def train_losses(model: dict | None = None, trainer: dict | None = None, data: d
     pl.seed_everything(0)
     images = SyntheticShapes(num_train=64, num_test=16, batch_size=8, **(data or {}))
     channels, size, _ = images.image_shape
-    module = PretrainModule(image_channels=channels, image_size=size, **SIZES, **(model or {}))
+    module = PretrainModule(image_channels=channels, image_size=size, **SIZES, **{"compile": False, **(model or {})})
     recorder = LossRecorder()
     pl.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[recorder],

@@ -218,6 +218,15 @@ def test_member_chunks_train_exactly_like_one_grouped_model(learnable_data, tmp_
         torch.testing.assert_close(chunked(x), whole(x), atol=1e-5, rtol=1e-5)
 
 
+def test_default_chunks_are_sized_for_the_cpu_and_one_chunk_where_cuda_is(monkeypatch):
+    def chunks(cuda: bool) -> int:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        return len(ProbeModule(kind="gru", learning_rates=[1e-3, 1e-4], seeds=[0, 1, 2, 3], num_classes=[3],
+                               feature_dim=4, times=[0.0, 1.0]).heads)
+
+    assert chunks(cuda=False) == 2 and chunks(cuda=True) == 1  # 8 members; 6 per chunk on a CPU
+
+
 def test_a_grid_of_one_member_keeps_its_history(tmp_path):
     import lightning.pytorch as pl
 

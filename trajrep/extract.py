@@ -83,18 +83,25 @@ class ExtractionData(pl.LightningDataModule):
         return index, self.images.normalize(images), labels
 
 
-# Encoder inputs per pass on a CPU, the fastest in benchmarks/extract.py; a GPU wants more (--pass-size).
-PASS_SIZE = 64
+# Encoder inputs per pass: on a CPU the fastest in benchmarks/extract.py (activations stay in cache); a GPU wants
+# large passes to stay busy.
+CPU_PASS_SIZE, GPU_PASS_SIZE = 64, 1000
+
+
+def pass_size_for(device: torch.device) -> int:
+    """The default encoder inputs per pass on `device`."""
+    return GPU_PASS_SIZE if device.type == "cuda" else CPU_PASS_SIZE
 
 
 class Extractor(pl.LightningModule):
     """Predict-loop module holding only the encoder: (index, x0, y) -> (index, E(x0, t) for all t, y).
 
     Every (image, t) pair of a batch goes through the encoder in passes of at most `pass_size` inputs: large
-    enough to keep the device busy, small enough that a CPU's activations stay in cache (benchmarks/extract.py).
+    enough to keep the device busy, small enough that a CPU's activations stay in cache (benchmarks/extract.py);
+    None takes the default of the device the batch is on.
     """
 
-    def __init__(self, pretrained: PretrainModule, times: list[float], pass_size: int = PASS_SIZE) -> None:
+    def __init__(self, pretrained: PretrainModule, times: list[float], pass_size: int | None = None) -> None:
         super().__init__()
         self.encoder, self.pass_size = pretrained.encoder, pass_size
         self.register_buffer("log_sigmas", pretrained.sde.log_sigma(torch.tensor(times, dtype=torch.float32)))
@@ -104,8 +111,9 @@ class Extractor(pl.LightningModule):
         batch, num_times = x0.shape[0], self.log_sigmas.numel()
         inputs = x0.unsqueeze(1).expand(batch, num_times, *x0.shape[1:]).reshape(batch * num_times, *x0.shape[1:])
         log_sigmas = self.log_sigmas.repeat(batch)
+        size = self.pass_size or pass_size_for(x0.device)
         reps = torch.cat([self.encoder.representation(part, level) for part, level
-                          in zip(inputs.split(self.pass_size), log_sigmas.split(self.pass_size))])
+                          in zip(inputs.split(size), log_sigmas.split(size))])
         return reps.view(batch, num_times, -1)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
@@ -217,7 +225,7 @@ def extraction_identity(model: PretrainModule, images: ImageDataModule, times: l
 def extract_representations(trainer: pl.Trainer, model: PretrainModule, images: ImageDataModule,
                             times: list[float], ema: bool, dtype: str, cache_dir: str | Path,
                             splits: tuple[str, ...] = SPLITS, batch_size: int = 64, recompute: bool = False,
-                            checkpoint: str | None = None, pass_size: int = PASS_SIZE) -> Path:
+                            checkpoint: str | None = None, pass_size: int | None = None) -> Path:
     """Build (or reuse) the cache for `model`'s encoder, already loaded with the weights to extract."""
     for split in splits:
         if split not in SPLITS:

@@ -19,7 +19,7 @@ from torch.utils.data import default_collate
 from trajrep.data.base import ImageDataModule
 from trajrep.data.representations import standardise
 from trajrep.errors import TrajrepError
-from trajrep.extract import PASS_SIZE, Extractor
+from trajrep.extract import Extractor, pass_size_for
 from trajrep.pretrain import PretrainModule
 from trajrep.similarity import linear_cka
 
@@ -122,13 +122,13 @@ class OnlineProbe(pl.Callback):
         task: the label column probed (multi-task data).
         ridge: the ridge penalty, relative to the (unit) variance of the standardised features.
         seed: the draw of the probe's images.
-        pass_size: images x times per encoder pass.
+        pass_size: images x times per encoder pass; None: 1000 on a GPU, 64 on a CPU.
         at_end: also probe at the last step.
     """
 
     def __init__(self, every_n_steps: int = 500, times: tuple[float, ...] = DEFAULT_TIMES, num_train: int = 5000,
                  num_heldout: int = 1000, task: int = 0, ridge: float = 1e-3, seed: int = 0,
-                 pass_size: int = PASS_SIZE, at_end: bool = True) -> None:
+                 pass_size: int | None = None, at_end: bool = True) -> None:
         if every_n_steps < 0:
             raise TrajrepError(f"OnlineProbe every_n_steps must be >= 0 (0: only at the end), got {every_n_steps}")
         if not times or any(not 0 <= t <= 1 for t in times):
@@ -136,11 +136,12 @@ class OnlineProbe(pl.Callback):
         if num_train < 1 or num_heldout < 1:
             raise TrajrepError(f"OnlineProbe needs num_train >= 1 and num_heldout >= 1, got {num_train} and "
                                f"{num_heldout}")
-        if ridge <= 0 or pass_size < 1:
+        if ridge <= 0 or (pass_size is not None and pass_size < 1):
             raise TrajrepError(f"OnlineProbe needs ridge > 0 and pass_size >= 1, got {ridge} and {pass_size}")
         self.every_n_steps, self.times, self.at_end = every_n_steps, tuple(float(t) for t in times), at_end
         self.num_train, self.num_heldout, self.task = num_train, num_heldout, task
         self.ridge, self.seed, self.pass_size = ridge, seed, pass_size
+        self.encoder_pass_size = pass_size  # resolved for the device in _prepare
         self._images = self._labels = self._extractor = self._split = None
         self._last_step: int | None = None
 
@@ -170,7 +171,8 @@ class OnlineProbe(pl.Callback):
 
     def _prepare(self, pl_module: PretrainModule, datamodule: ImageDataModule) -> None:
         self._take_subset(datamodule, pl_module.device)
-        self._extractor = Extractor(pl_module, list(self.times), self.pass_size).to(pl_module.device)
+        self.encoder_pass_size = self.pass_size or pass_size_for(pl_module.device)
+        self._extractor = Extractor(pl_module, list(self.times), self.encoder_pass_size).to(pl_module.device)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step  # a resumed run's first step was probed (or skipped) before
@@ -194,7 +196,7 @@ class OnlineProbe(pl.Callback):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), evaluating(pl_module.encoder), torch.no_grad(), forward_context:
             features = torch.cat([self._extractor(datamodule.normalize(chunk)).float()
-                                  for chunk in self._images.split(self.pass_size)])
+                                  for chunk in self._images.split(self.encoder_pass_size)])
         metrics = probe_metrics(features, self._labels, self._split[0], self.times,
                                 datamodule.num_classes[self.task], self.ridge)
         metrics["online/seconds"] = time.perf_counter() - start

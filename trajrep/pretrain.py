@@ -60,7 +60,8 @@ class PretrainModule(pl.LightningModule):
         reg_weight: weight of the L1 or KL term beside the denoising loss.
         lr: Adam learning rate after warm-up.
         warmup_steps: steps of linear learning-rate warm-up.
-        compile: torch.compile the encoder and the score net.
+        compile: torch.compile the encoder and the score net; auto: only on CUDA, where it pays (on a CPU
+            compiling the paper's networks takes longer than minutes of training).
         channels_last: NHWC memory layout for images and conv weights.
         matmul_precision: torch.set_float32_matmul_precision; None leaves torch's setting.
         adam_impl: Adam kernel (for-loop, foreach, fused); None lets torch choose.
@@ -86,7 +87,7 @@ class PretrainModule(pl.LightningModule):
         reg_weight: float = 1e-5,
         lr: float = 2e-4,
         warmup_steps: int = 5000,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = "auto",
         channels_last: bool = False,
         matmul_precision: MatmulPrecision | None = None,
         adam_impl: AdamImpl | None = None,
@@ -110,9 +111,17 @@ class PretrainModule(pl.LightningModule):
             torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
-        if self.hparams.compile:  # the inner networks: Lightning's hooks stay eager and checkpoints keep their keys
+        if self.compiles:  # the inner networks: Lightning's hooks stay eager and checkpoints keep their keys
             self.encoder.compile()
             self.score_net.compile()
+
+    @property
+    def compiles(self) -> bool:
+        """Whether configure_model compiles: `compile` true, or auto on a CUDA device."""
+        if self.hparams.compile != "auto":
+            return self.hparams.compile
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        return device.type == "cuda"
 
     def teardown(self, stage: str) -> None:
         previous = self.__dict__.pop("_previous_matmul_precision", None)

@@ -35,6 +35,12 @@ ATTENTION_HEADS = ("transformer", "continuous")
 MEMBER_CHUNK = {"mlp": 16, "concat": 16, "mean": 16, "weighted": 16, "gru": 6, "transformer": 3, "continuous": 3}
 
 
+def default_member_chunk(kind: str, num_members: int) -> int:
+    """Members per chunk when none is set: the whole grid where CUDA is available (one large kernel is best on a
+    GPU), else the kind's CPU size."""
+    return num_members if torch.cuda.is_available() else MEMBER_CHUNK.get(kind, num_members)
+
+
 # Options that change where results go or how fast they come, never the numbers: left out of the settings digest.
 RESULT_NEUTRAL = {"results_dir", "encoder_name", "export_attention", "member_chunk", "overwrite_results"}
 DATA_SETTINGS = ("val_fraction", "split_seed", "batch_size", "standardize", "replicate_time")
@@ -104,8 +110,8 @@ class ProbeModule(pl.LightningModule):
 
     The members are split into chunks of `member_chunk` (default: MEMBER_CHUNK for the kind), one grouped head
     each; a training step runs each chunk's forward and backward back to back, so that its activations are still
-    in the CPU's cache for the backward pass. On a GPU, where one large kernel is best, set member_chunk to the
-    grid size. With `export_attention`, the attention heads' records also carry each member's mean CLS attention
+    in the CPU's cache for the backward pass. Where CUDA is available the default is one chunk: one large kernel
+    is best on a GPU. With `export_attention`, the attention heads' records also carry each member's mean CLS attention
     over the time tokens on the test split (overall and per class) and its masking ablation (extra test passes
     at the end), both with the member's weights at its best validation epoch, the epoch its accuracy comes from.
     `encoder_name` names the pretraining variant in the results (a preset's encoder name), so that two variants of
@@ -125,7 +131,8 @@ class ProbeModule(pl.LightningModule):
         times: the t of the representations served (set from the data).
         head_kwargs: options of the head (e.g. hidden sizes); an unknown key is refused with the valid ones.
         results_dir: folder of the result files.
-        member_chunk: members trained together per forward/backward; None: a default per kind, sized for CPU caches.
+        member_chunk: members trained together per forward/backward; None: the whole grid where CUDA is available,
+            else a size per kind that keeps a CPU's activations in cache.
         export_attention: for attention heads, also record attention over t and the masking ablation.
         encoder_name: the pretraining variant's name in tables (a preset's encoder name).
         overwrite_results: replace a result file of the same settings instead of refusing.
@@ -165,7 +172,7 @@ class ProbeModule(pl.LightningModule):
             {"task": k, "time_index": i, "lr": lr, "seed": seed}
             for k, i, lr, seed in itertools.product(range(len(num_classes)), time_indices, learning_rates, seeds)
         ]
-        chunk = member_chunk if member_chunk is not None else MEMBER_CHUNK.get(kind, len(self.members))
+        chunk = member_chunk if member_chunk is not None else default_member_chunk(kind, len(self.members))
         if chunk < 1:
             raise TrajrepError(f"member_chunk must be >= 1 (members trained together), got {chunk}")
         self.chunks = [slice(start, start + chunk) for start in range(0, len(self.members), chunk)]

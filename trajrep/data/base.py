@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trajrep.errors import TrajrepError
-from trajrep.threads import default_workers
+from trajrep.threads import available_cpus, default_workers
 
 # Bump when the images a dataset produces change for the same settings, so that caches keyed by `identity` go stale.
 DATA_FORMAT_VERSION = 1
@@ -90,7 +91,7 @@ class ImageDataModule(LightningDataModule, ABC):
 
     Args:
         batch_size: images per training batch.
-        num_workers: loader worker processes (0 loads in the main process).
+        num_workers: loader worker processes (0 loads in the main process), at most the CPUs available.
         drop_last: drop the last incomplete training batch.
         device_resident: keep the training split on the training device (GPU fast path).
     """
@@ -103,7 +104,11 @@ class ImageDataModule(LightningDataModule, ABC):
         if num_workers is not None and num_workers < 0:
             raise TrajrepError(f"num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
         # None (the default of datasets decoded from files): the CPUs available besides the main process, at most 4.
-        self.num_workers = default_workers() if num_workers is None else num_workers
+        # More workers than CPUs only compete for them (and torch warns at every loader).
+        requested = default_workers() if num_workers is None else num_workers
+        self.num_workers = min(requested, available_cpus())
+        if self.num_workers < requested:
+            rank_zero_info(f"num_workers {requested} capped at the {self.num_workers} CPUs available")
         self._datasets: dict[str, Dataset] = {}
 
     @property
