@@ -254,13 +254,16 @@ class ProbeModule(pl.LightningModule):
     def grid_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                   backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
         """One optimisation step of every member on per-seed batches x (S, B, T, d), y (S, B[, K]); returns the
-        mean loss over members. Each chunk's forward and backward run back to back (see the class docstring)."""
+        mean loss over members. Each chunk's forward and backward run back to back (see the class docstring),
+        except under DDP, whose gradient reducer expects one backward per step: there the chunks' losses are
+        summed into one backward. Members are clipped after every backward, on the gradients DDP averaged."""
         t, subset = self.times, None
         if self.hparams.kind == "continuous":  # one random time subset per step, shared by every member
             subset = random_time_subset(len(t), generator=self._subset_generator).to(t.device)
             t = t[subset]
+        one_backward = self._trainer is not None and self.trainer.world_size > 1
         optimizer.zero_grad()
-        losses = []
+        losses, pending = [], []
         for head, part in zip(self.heads, self.chunks):
             rows = self.member_seed_row[part]
             inputs, labels = head.select_inputs(x, rows), self.member_labels(y, part, rows)
@@ -268,10 +271,17 @@ class ProbeModule(pl.LightningModule):
                 inputs = inputs[:, :, subset]
             logits = self._mask_logits(head(inputs, t), part)
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-            backward(loss.mean(1).sum())  # the sum keeps every member's gradient its own
-            if self.grad_clip is not None:
-                clip_grad_norm_per_member_(head, self.grad_clip)
+            summed = loss.mean(1).sum()  # the sum keeps every member's gradient its own
+            if one_backward:
+                pending.append(summed)
+            else:
+                backward(summed)
             losses.append(loss.detach().mean(1))
+        if pending:
+            backward(torch.stack(pending).sum())
+        if self.grad_clip is not None:
+            for head in self.heads:
+                clip_grad_norm_per_member_(head, self.grad_clip)
         optimizer.step()
         losses = torch.cat(losses)
         finite = torch.isfinite(losses)
