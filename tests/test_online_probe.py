@@ -61,6 +61,12 @@ def test_between_image_fraction_is_zero_for_constant_and_one_for_centred_feature
     assert 0 < between_image_fraction(features) < 0.2  # mostly the common offset
 
 
+def test_the_pixel_reference_of_a_small_latent_keeps_its_top_principal_components():
+    data = SyntheticShapes(num_train=1200, num_test=100)
+    probe = OnlineProbe(num_train=1000, num_heldout=200)  # task 0: the background colour, 9 classes
+    assert probe.pixel_accuracy(data, 1) < 0.5 < probe.pixel_accuracy(data, 32)
+
+
 def test_a_small_training_split_shrinks_the_subset_in_proportion():
     assert subset_sizes(60000, 5000, 1000) == (5000, 1000)
     assert subset_sizes(3000, 5000, 1000) == (2500, 500)

@@ -46,9 +46,11 @@ def test_a_sweep_tabulates_its_runs_and_grows_without_retraining(tmp_path, capsy
         assert [point["step"] for point in row["curve"]] == [2, 4]
         assert set(row["accuracy"]) == {"t0", "t0.25", "t0.5", "t0.75", "t1"}
         assert 0 <= row["untrained"] <= 1 and row["wall_minutes"] > 0
+        assert 0 < row["pixel_pca"] <= 1
     assert 0 < logged["pixels"] <= 1
     table = (out / "table.md").read_text()
     assert "| l1 | reg-drl | 0.125 | 8 | 0.1 |" in table and "| noreg | noreg-drl |" in table
+    assert "| pixels PCA-d_z (%) | best - PCA-d_z |" in table
     assert (out / "online.png").stat().st_size > 0
 
     checkpoint = tmp_path / "runs" / "tiny" / "l1" / "checkpoints" / "last.ckpt"

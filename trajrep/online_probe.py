@@ -202,13 +202,19 @@ class OnlineProbe(pl.Callback):
         metrics["online/seconds"] = time.perf_counter() - start
         return metrics
 
-    def pixel_accuracy(self, datamodule: ImageDataModule) -> float:
+    def pixel_accuracy(self, datamodule: ImageDataModule, components: int | None = None) -> float:
         """Held-out accuracy of the same ridge probe on the subset's raw (normalised, flattened) pixels: the
-        reference a representation should approach."""
+        reference a representation should approach. With `components`, on the pixels' top principal components
+        (fitted on the probe's training images) instead: what the linear code of that size that best reconstructs
+        the pixels keeps, the reference for a latent of that size."""
         if self._images is None:
             self._take_subset(datamodule, torch.device("cpu"))
-        pixels = datamodule.normalize(self._images).flatten(1).float()
+        pixels = datamodule.normalize(self._images).flatten(1).double()
         train, labels = self._split[0], self._labels
+        if components is not None:
+            centred = pixels - pixels[:train].mean(dim=0)
+            directions = torch.linalg.svd(centred[:train], full_matrices=False).Vh[:components]
+            pixels = centred @ directions.T
         return float(ridge_probe_accuracy(pixels[:train], labels[:train], pixels[train:], labels[train:],
                                           datamodule.num_classes[self.task], self.ridge))
 
