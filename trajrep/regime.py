@@ -194,11 +194,11 @@ class RegimeSweep:
         header = ["run", "mode", "encoder width k", "d_z", "reg weight", "lr", "batch", "data", "steps", "wall (min)",
                   *(f"acc {t} (%)" for t in times), "best - worst t", "untrained (%)", "best - untrained",
                   "best - pixels", "pixels PCA-d_z (%)", "best - PCA-d_z", "CKA(first t, last t)"]
-        lines = [f"Online ridge probe (held-out accuracy per t; {self.sweep.pretrain_config}) at each run's last logged "
-                 f"step; on the same images, raw pixels reach {100 * pixels:.1f} %, their top d_z principal "
-                 "components (the linear code of the latent's size that best reconstructs them) the accuracy in 'pixels PCA-d_z', and each "
-                 "run's architecture untrained, BatchNorm calibrated, the accuracy in 'untrained'. Runs marked * "
-                 "have not finished.", "",
+        lines = [f"Online ridge probe (held-out accuracy per t; {self.sweep.pretrain_config}) at each run's last "
+                 f"logged step; on the same images, raw pixels reach {100 * pixels:.1f} %, their top d_z principal "
+                 "components (the linear code of the latent's size that best reconstructs them) the accuracy in "
+                 "'pixels PCA-d_z', and each run's architecture untrained, BatchNorm calibrated, the accuracy in "
+                 "'untrained'. Runs marked * have not finished.", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
             wall = "-" if row["wall_minutes"] is None else f"{row['wall_minutes']:.0f}"
