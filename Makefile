@@ -6,7 +6,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # apt needs root; use sudo when we are not root and it exists.
 APT := $(if $(filter 0,$(shell id -u)),apt-get,$(shell command -v sudo >/dev/null && echo sudo apt-get))
 
-.PHONY: install data test quickstart bench reproduce-table analysis
+.PHONY: install data test quickstart bench bench-gpu reproduce-table analysis
 
 install: data
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench:
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/probe_grid.py --epochs 1 --train 2304
 	$(BIN)/python benchmarks/cache_dtype.py
+
+# The prepared GPU check (benchmarks/gpu.py): on one GPU, under 8 minutes; writes its section of RESULTS.md.
+bench-gpu:
+	$(BIN)/python benchmarks/gpu.py
 
 # The whole pipeline for a preset (configs/presets/$(PRESET).yaml), skipping finished stages; see README.
 PRESET ?= smoke

@@ -82,6 +82,35 @@ def run(variant: dict, sizes: dict, batch_size: int, steps: int, warmup: int, ac
     return steps / clock.seconds
 
 
+def measure(variants: list[str], sizes: dict, batch_size: int, steps: int, warmup: int, rounds: int,
+            device: torch.device) -> dict:
+    """Steps/s of each variant (best of `rounds`), the FLOPs of one step and the matmul peaks they are set against."""
+    peaks = {torch.float32: matmul_peak(device, torch.float32), torch.bfloat16: matmul_peak(device, torch.bfloat16)}
+    images = SyntheticShapes(num_train=batch_size, num_test=batch_size).dataset("train")
+    batch = torch.stack([images[i][0] for i in range(batch_size)])
+    flops = step_flops(PretrainModule(**sizes, compile=False), batch)
+    # Round-robin over the variants, best rate of each kept: this machine's speed drifts by tens of percent
+    # within minutes, and interleaving spreads that drift over every variant alike.
+    rates = dict.fromkeys(variants, 0.0)
+    for _ in range(rounds):
+        for name in variants:
+            rate = run(VARIANTS[name], sizes, batch_size, steps, warmup, "gpu" if device.type == "cuda" else "cpu")
+            rates[name] = max(rates[name], rate)
+    return {"rates": rates, "flops": flops, "peaks": peaks}
+
+
+def report(m: dict) -> list[str]:
+    """Each variant's rate, its ratio to the first and its share of the matmul peak of its precision."""
+    baseline, lines = next(iter(m["rates"].values())), []
+    for name, rate in m["rates"].items():
+        bf16 = VARIANTS[name].get("trainer", {}).get("precision") == "bf16-mixed"
+        fraction = m["flops"] * rate / m["peaks"][torch.bfloat16 if bf16 else torch.float32]
+        lines.append(f"{name:30s} {rate:7.2f} steps/s  ratio {rate / baseline:5.2f}  "
+                     f"{m['flops'] * rate / 1e9:8.1f} GFLOP/s = {fraction:.1%} of the {'bf16' if bf16 else 'fp32'} "
+                     "matmul peak")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -99,25 +128,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"pretraining, {preset} preset sizes, batch {batch_size} of 3 x 32 x 32, {args.steps} timed steps "
           f"after {args.warmup}, best of {args.rounds} rounds, on {name}")
-    peaks = {torch.float32: matmul_peak(device, torch.float32), torch.bfloat16: matmul_peak(device, torch.bfloat16)}
+    measured = measure(args.variants, sizes, batch_size, args.steps, args.warmup, args.rounds, device)
+    peaks = measured["peaks"]
     print(f"matmul peak: float32 {peaks[torch.float32] / 1e12:.2f} TFLOP/s, "
           f"bfloat16 {peaks[torch.bfloat16] / 1e12:.2f} TFLOP/s")
-    images = SyntheticShapes(num_train=batch_size, num_test=batch_size).dataset("train")
-    batch = torch.stack([images[i][0] for i in range(batch_size)])
-    flops = step_flops(PretrainModule(**sizes), batch)
-    # Round-robin over the variants, best rate of each kept: this machine's speed drifts by tens of percent
-    # within minutes, and interleaving spreads that drift over every variant alike.
-    rates = dict.fromkeys(args.variants, 0.0)
-    for _ in range(args.rounds):
-        for variant_name in args.variants:
-            rate = run(VARIANTS[variant_name], sizes, batch_size, args.steps, args.warmup, "gpu" if cuda else "cpu")
-            rates[variant_name] = max(rates[variant_name], rate)
-    baseline = rates[args.variants[0]]
-    for variant_name, rate in rates.items():
-        bf16 = VARIANTS[variant_name].get("trainer", {}).get("precision") == "bf16-mixed"
-        fraction = flops * rate / peaks[torch.bfloat16 if bf16 else torch.float32]
-        print(f"{variant_name:30s} {rate:7.2f} steps/s  ratio {rate / baseline:5.2f}  "
-              f"{flops * rate / 1e9:8.1f} GFLOP/s = {fraction:.1%} of the {'bf16' if bf16 else 'fp32'} matmul peak")
+    print("\n".join(report(measured)))
 
 
 if __name__ == "__main__":

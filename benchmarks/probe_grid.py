@@ -12,6 +12,7 @@ the ceiling on the ratio that the sequential side's own FLOP rate implies.
 
 import argparse
 import math
+import tempfile
 import time
 
 import lightning.pytorch as pl
@@ -76,14 +77,17 @@ class PlainTransformer(nn.Module):
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        correct = sum((model(xb).argmax(-1) == yb).sum().item() for xb, yb in zip(x.split(1024), y.split(1024)))
+        correct = sum((model(xb.to(device)).argmax(-1).cpu() == yb).sum().item()
+                      for xb, yb in zip(x.split(1024), y.split(1024)))
     model.train()
     return correct / len(y)
 
 
-def sequential(kind: str, data: dict, epochs: int) -> list[dict]:
-    """One plain run per configuration (per t for the MLP), as the original scripts do."""
+def sequential(kind: str, data: dict, epochs: int, device: torch.device = torch.device("cpu")) -> list[dict]:
+    """One plain run per configuration (per t for the MLP), as the original scripts do: batches from a CPU
+    DataLoader, moved to `device`."""
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = data["train"], data["val"], data["test"]
     num_times, dim, classes = x_train.shape[1], x_train.shape[2], int(y_train.max()) + 1
     records = []
@@ -94,13 +98,14 @@ def sequential(kind: str, data: dict, epochs: int) -> list[dict]:
             for seed in SEEDS:
                 torch.manual_seed(seed)
                 model = {"mlp": lambda: PlainMLP(dim, classes), "gru": lambda: PlainGRU(dim, classes),
-                         "transformer": lambda: PlainTransformer(dim, classes, num_times)}[kind]()
+                         "transformer": lambda: PlainTransformer(dim, classes, num_times)}[kind]().to(device)
                 optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
                 loader = DataLoader(TensorDataset(view(x_train), y_train), batch_size=256, shuffle=True,
                                     generator=torch.Generator().manual_seed(seed))
                 val_history, test_history = [], []
                 for _ in range(epochs):
                     for xb, yb in loader:
+                        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                         optimizer.zero_grad()
                         F.cross_entropy(model(xb), yb).backward()
                         if kind in MIXERS:
@@ -115,27 +120,30 @@ def sequential(kind: str, data: dict, epochs: int) -> list[dict]:
     return records
 
 
-def vectorised(kind: str, data: dict, epochs: int, times: list[float], member_chunk: int | None) -> list[dict]:
+def vectorised(kind: str, data: dict, epochs: int, times: list[float], member_chunk: int | None,
+               accelerator: str = "cpu") -> list[dict]:
     probe_data = ProbeData.from_tensors(data, times, [10], SEEDS, task_names=["class"])
-    module = ProbeModule(kind=kind, seeds=SEEDS, num_classes=[10], task_names=["class"],
-                         feature_dim=probe_data.feature_dim, times=times, results_dir="/tmp/trajrep-bench",
-                         member_chunk=member_chunk, export_attention=False)  # work the sequential side skips
-    pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(module, probe_data)
+    with tempfile.TemporaryDirectory() as results_dir:
+        module = ProbeModule(kind=kind, seeds=SEEDS, num_classes=[10], task_names=["class"],
+                             feature_dim=probe_data.feature_dim, times=times, results_dir=results_dir,
+                             member_chunk=member_chunk, export_attention=False)  # work the sequential side skips
+        pl.Trainer(max_epochs=epochs, accelerator=accelerator, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0).fit(module, probe_data)
     records = module.member_records()
     for record in records:  # index times like the sequential side, for the comparison below
         record["time"] = None if record["time"] is None else float(times.index(record["time"]))
     return records
 
 
-def training_step(kind: str, data: dict, times: list[float], member_chunk: int | None,
-                  repeats: int = 2) -> tuple[float, float]:
+def training_step(kind: str, data: dict, times: list[float], member_chunk: int | None, repeats: int = 2,
+                  device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """(FLOPs, best seconds) of one training step of the vectorised grid (forward, backward, clip, Adam)."""
     module = ProbeModule(kind=kind, seeds=SEEDS, num_classes=[10], feature_dim=data["train"][0].shape[-1],
-                         times=times, member_chunk=member_chunk)
+                         times=times, member_chunk=member_chunk).to(device)
     optimizer = module.configure_optimizers()
-    x = data["train"][0][:256].unsqueeze(0).expand(len(SEEDS), -1, -1, -1).contiguous()
-    y = data["train"][1][:256].unsqueeze(0).expand(len(SEEDS), -1).contiguous()
+    x = data["train"][0][:256].unsqueeze(0).expand(len(SEEDS), -1, -1, -1).contiguous().to(device)
+    y = data["train"][1][:256].unsqueeze(0).expand(len(SEEDS), -1).contiguous().to(device)
 
     def step():
         module.grid_step(x, y, optimizer, lambda loss: loss.backward())
@@ -143,7 +151,7 @@ def training_step(kind: str, data: dict, times: list[float], member_chunk: int |
     counter = FlopCounterMode(display=False)
     with counter:
         step()
-    return counter.get_total_flops(), best_seconds(step, repeats)
+    return counter.get_total_flops(), best_seconds(step, repeats, device=device)
 
 
 def chunk_sweep(kinds: list[str], data: dict, times: list[float]) -> None:
@@ -154,6 +162,40 @@ def chunk_sweep(kinds: list[str], data: dict, times: list[float]) -> None:
             flops, seconds = training_step(kind, data, times, chunk)
             print(f"{kind:12s} member_chunk {chunk:4d}: step {seconds * 1e3:8.1f} ms, "
                   f"{flops / seconds / 1e9:6.1f} GFLOP/s")
+
+
+def compare(kind: str, data: dict, epochs: int, times: list[float], member_chunk: int | None, peak: float,
+            device: torch.device = torch.device("cpu")) -> dict:
+    """Both sides of one kind's grid, whole (evaluation included), and the vectorised training step's FLOP rate."""
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    start = time.perf_counter()
+    fast = summarise(vectorised(kind, data, epochs, times, member_chunk, accelerator))["class"]
+    fast_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    plain = summarise(sequential(kind, data, epochs, device))["class"]
+    plain_seconds = time.perf_counter() - start
+    flops, step_seconds = training_step(kind, data, times, member_chunk, device=device)
+    return {"kind": kind, "fast_seconds": fast_seconds, "plain_seconds": plain_seconds, "fast": fast, "plain": plain,
+            "step_flops": flops, "step_seconds": step_seconds, "peak": peak,
+            "steps": epochs * math.ceil(len(data["train"][1]) / 256)}
+
+
+def report(m: dict) -> list[str]:
+    """The comparison as the lines this benchmark prints."""
+    fast, plain, kind = m["fast"], m["plain"], m["kind"]
+    gap = 100 * abs(fast["test_acc_mean"] - plain["test_acc_mean"])
+    rate = m["step_flops"] / m["step_seconds"]
+    # Both sides do the same training arithmetic; at the peak it would take steps * flops / peak seconds.
+    return [
+        f"{kind:12s} vectorised {m['fast_seconds']:7.1f} s  sequential {m['plain_seconds']:7.1f} s  "
+        f"ratio {m['plain_seconds'] / m['fast_seconds']:5.2f}  | selected lr {fast['lr']:g} vs {plain['lr']:g} "
+        f"({'same' if fast['lr'] == plain['lr'] else 'DIFFERENT'}), test acc {100 * fast['test_acc_mean']:.2f} vs "
+        f"{100 * plain['test_acc_mean']:.2f} ({'within' if gap <= 0.3 else 'OUTSIDE'} 0.3 points)",
+        f"{kind:12s} training step {rate / 1e9:.1f} GFLOP/s = {rate / m['peak']:.0%} of peak; the sequential side "
+        f"trains at {m['steps'] * m['step_flops'] / m['plain_seconds'] / 1e9:.1f} GFLOP/s (evaluation included), "
+        f"so no implementation can exceed ratio "
+        f"{m['plain_seconds'] * m['peak'] / (m['steps'] * m['step_flops']):.1f}",
+    ]
 
 
 def main() -> None:
@@ -175,25 +217,8 @@ def main() -> None:
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s (2048 x 2048 float32)")
     if args.chunks:
         return chunk_sweep(args.kinds, data, times)
-    steps = args.epochs * math.ceil(sizes["train"] / 256)
     for kind in args.kinds:
-        start = time.perf_counter()
-        fast = summarise(vectorised(kind, data, args.epochs, times, args.member_chunk))["class"]
-        fast_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        plain = summarise(sequential(kind, data, args.epochs))["class"]
-        plain_seconds = time.perf_counter() - start
-        same_lr = fast["lr"] == plain["lr"]
-        gap = 100 * abs(fast["test_acc_mean"] - plain["test_acc_mean"])
-        print(f"{kind:12s} vectorised {fast_seconds:7.1f} s  sequential {plain_seconds:7.1f} s  "
-              f"ratio {plain_seconds / fast_seconds:5.2f}  | selected lr {fast['lr']:g} vs {plain['lr']:g} "
-              f"({'same' if same_lr else 'DIFFERENT'}), test acc {100 * fast['test_acc_mean']:.2f} vs "
-              f"{100 * plain['test_acc_mean']:.2f} ({'within' if gap <= 0.3 else 'OUTSIDE'} 0.3 points)")
-        flops, seconds = training_step(kind, data, times, args.member_chunk)
-        # Both sides do the same training arithmetic; at the peak it would take steps * flops / peak seconds.
-        print(f"{kind:12s} training step {flops / seconds / 1e9:.1f} GFLOP/s = {flops / seconds / peak:.0%} of peak; "
-              f"the sequential side trains at {steps * flops / plain_seconds / 1e9:.1f} GFLOP/s (evaluation "
-              f"included), so no implementation can exceed ratio {plain_seconds * peak / (steps * flops):.1f}")
+        print("\n".join(report(compare(kind, data, args.epochs, times, args.member_chunk, peak))))
 
 
 if __name__ == "__main__":
