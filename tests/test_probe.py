@@ -227,6 +227,24 @@ def test_default_chunks_are_sized_for_the_cpu_and_one_chunk_where_cuda_is(monkey
     assert chunks(cuda=False) == 2 and chunks(cuda=True) == 1  # 8 members; 6 per chunk on a CPU
 
 
+def test_the_continuous_head_reads_sigma_of_the_noise_process_the_data_names(tmp_path):
+    import lightning.pytorch as pl
+
+    from trajrep.data.representations import ProbeData
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {stage: (torch.randn(16, 2, 4, generator=generator), torch.randint(3, (16,), generator=generator))
+               for stage in ("train", "val", "test")}
+    data = ProbeData.from_tensors(tensors, times=[0.0, 1.0], num_classes=[3], seeds=[0], batch_size=8)
+    data.metadata["sde"] = {"sigma_min": 0.002, "sigma_max": 80.0}  # as a cache of an EDM-style process says
+    module = ProbeModule(kind="continuous", learning_rates=[1e-3], seeds=[0], num_classes=[3], feature_dim=4,
+                         times=[0.0, 1.0], results_dir=str(tmp_path), head_kwargs={"d_model": 8, "ffn_dim": 16})
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=tmp_path).fit(module, datamodule=data)
+    for head in [*module.heads, *module.best_heads]:
+        assert (head.sde.sigma_min, head.sde.sigma_max) == (0.002, 80.0)
+
+
 def test_a_grid_of_one_member_keeps_its_history(tmp_path):
     import lightning.pytorch as pl
 

@@ -1,7 +1,7 @@
 import pytest
 
 from trajrep.errors import TrajrepError
-from trajrep.timegrid import build_time_grid, select_times
+from trajrep.timegrid import build_time_grid, granularity_times, grid_label, select_times
 
 PAPER_GRANULARITIES = [2, 5, 7, 10, 17, 25, 37, 50]
 
@@ -36,3 +36,9 @@ def test_select_times_finds_indices_and_reports_missing():
     assert select_times(grid, [0.0, 0.5, 1.0]) == [0, 5, 10]
     with pytest.raises(TrajrepError, match="not in the cache"):
         select_times(grid, [0.55])
+
+
+def test_tables_name_a_grid_by_g_and_other_time_sets_by_their_times():
+    assert grid_label([float(t) for t in granularity_times(10)]) == 10
+    assert grid_label([0.0, 0.5, 1.0]) == 2 and grid_label([0.5]) == "-"
+    assert grid_label([0.0, 0.3, 0.9]) == "t=0,0.3,0.9" != grid_label([0.0, 0.4, 0.9])  # not g = 2, nor one row

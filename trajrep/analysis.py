@@ -40,7 +40,7 @@ from trajrep.mine import time_nmi
 from trajrep.report import (TIME_LABEL, Collected, collect, encoder_label, log_wandb_run, mean_std, panel_title,
                             panels, plt, row_order)
 from trajrep.results import read_results
-from trajrep.timegrid import select_times
+from trajrep.timegrid import grid_label, select_times
 
 
 def _encoder(row: tuple) -> tuple:
@@ -116,7 +116,7 @@ def nmi_between_times(results_dir: str | Path, seeds: list[int], max_examples: i
         indices = select_times(cache.times, context["times"])
         test = torch.from_numpy(cache.representations("test", indices)[:max_examples]).float().to(device)
         encoder = (context.get("dataset"), encoder_label(context), context.get("latent_dim"),
-                   context.get("pretrain_steps"), len(context["times"]) - 1)
+                   context.get("pretrain_steps"), grid_label(context["times"]))
         by_encoder[encoder]["times"] = context["times"]
         by_encoder[encoder]["nmi"].append(time_nmi(test, seeds, progress=True, **mine_options))
     return {encoder: {"times": entry["times"], "nmi": torch.stack(entry["nmi"]).mean(dim=0).tolist(),

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 
 from trajrep.checks import ensure_writable
+from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
 from trajrep.nn.probes import HEADS, ProbeKind, SingleTimeHead, build_head, clip_grad_norm_per_member_, random_time_subset
@@ -405,6 +406,15 @@ class ProbeModule(pl.LightningModule):
             count += x.shape[0]
         self.train(was_training)
         return {name: values / count for name, values in correct.items()}
+
+    def setup(self, stage: str) -> None:
+        """The continuous head's time code reads sigma(t) of the noise process the cache names (its manifest's
+        sigma_min, sigma_max), not a default; data without one (in-memory tensors) keeps the head's own."""
+        noise = getattr(self.trainer.datamodule, "metadata", {}).get("sde")
+        if self.hparams.kind == "continuous" and noise is not None:
+            for heads in (self.heads, getattr(self, "best_heads", [])):
+                for head in heads:
+                    head.sde = VESDE(noise["sigma_min"], noise["sigma_max"])
 
     def on_fit_start(self) -> None:
         ensure_results_can_be_written(self, self.hparams.kind)  # fail now, not after the grid

@@ -27,6 +27,7 @@ from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.results import probe_label, read_results
 from trajrep.similarity import mean_off_diagonal
+from trajrep.timegrid import grid_label
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -78,7 +79,7 @@ class Collected:
         context, summary = results["context"], results["summary"]
         probe, seed = probe_label(context), context.get("pretrain_seed")
         for task, selected in summary.items():
-            grid = len(context["times"]) - 1 if len(context["times"]) > 1 else "-"
+            grid = grid_label(context["times"])
             steps = "-" if context.get("pretrain_steps") is None else context["pretrain_steps"]
             row = (context.get("dataset"), encoder_label(context), context.get("latent_dim"), steps, grid, task)
             if seed in self.cells[row][probe]:

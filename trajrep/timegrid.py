@@ -5,6 +5,17 @@ from fractions import Fraction
 from trajrep.errors import TrajrepError
 
 
+def grid_label(times: list[float]) -> int | str:
+    """How tables name a probe's times: the granularity g of a grid {0, 1/g, ..., 1}, "-" for one time, and the
+    times themselves for any other set (so that two different sets never share a row)."""
+    if len(times) == 1:
+        return "-"
+    g = len(times) - 1
+    if all(abs(t - float(point)) < 1e-9 for t, point in zip(times, granularity_times(g))):
+        return g
+    return "t=" + ",".join(f"{t:g}" for t in times)
+
+
 def granularity_times(g: int) -> list[Fraction]:
     """The paper's grid of granularity g: i / g for i = 0..g; g = 1 is the single point t = 0.5 (SPEC §6)."""
     if g < 1:

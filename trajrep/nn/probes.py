@@ -313,6 +313,7 @@ class ContinuousTransformerHead(_TokenMixerHead):
     The Fourier frequencies are a fixed feature map shared by all members, drawn from `fourier_seed`. Their
     default scale is 1 (not the 16 of the encoder's time embedding): log sigma spans about 8.5 over t in [0, 1],
     and scale 16 would make neighbouring grid times look unrelated, defeating interpolation to unseen t.
+    `sigma_min` and `sigma_max` give the noise process of sigma(t); ProbeModule sets them from the cache it reads.
     """
 
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
