@@ -6,7 +6,7 @@ functions it calls with GPU sizes). The section between the markers in RESULTS.m
 the date, the GPU and the command. Sized to finish in under 8 minutes on one H200-class GPU.
 
     python benchmarks/gpu.py              (make bench-gpu)
-    python benchmarks/gpu.py --dry-run    (tiny sizes on whatever device there is: checks that the script runs)
+    python benchmarks/gpu.py --dry-run    (tiny sizes on whatever device there is, printed: checks the script)
 """
 
 import argparse
@@ -81,7 +81,9 @@ def write_section(results: Path, lines: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes; runs on a CPU in seconds")
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="the file whose section to rewrite (default: benchmarks/RESULTS.md; a dry run only "
+                             "prints unless given one)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
@@ -96,9 +98,11 @@ def main() -> None:
              f"{time.perf_counter() - start:.0f} s in all.", ""]
     for part in parts:
         lines += ["```", *part, "```", ""]
-    write_section(args.results, lines[:-1])
     print("\n".join(lines))
-    print(f"written into {args.results} ({shlex.quote(command)})")
+    results = args.results or (None if args.dry_run else Path(__file__).parent / "RESULTS.md")
+    if results is not None:
+        write_section(results, lines[:-1])
+        print(f"written into {results} ({shlex.quote(command)})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Representation cache: extraction through the CLI, reuse, keys, integrity, crash safety and DDP equality."""
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -102,11 +103,19 @@ def test_replaced_image_files_give_a_new_key_and_unchanged_ones_the_same(tiny_ch
         return RepresentationDataModule(checkpoint=str(tiny_checkpoint), images=images, granularities=[2],
                                         cache_dir=str(tmp_path / "cache")).cache_path.name
 
-    before = key()
-    assert key() == before
+    keys = [key()]
+    assert key() == keys[0]
+    touched = tmp_path / "images" / "train" / "cat" / "0.png"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))  # same bytes, new time
+    keys.append(key())
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "test" / "dog" / "2.png")  # one more image
+    keys.append(key())
+    (tmp_path / "images" / "train" / "dog" / "1.png").unlink()  # one fewer
+    keys.append(key())
     for image in (tmp_path / "images").rglob("*.png"):
         Image.new("RGB", (32, 32)).save(image)  # every image black, same names
-    assert key() != before
+    keys.append(key())
+    assert len(set(keys)) == len(keys)
 
 
 def test_edited_or_truncated_arrays_are_detected(cache, tmp_path):

@@ -4,6 +4,7 @@ import logging
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_paper_config_trains_on_a_cpu_without_compiling(variant, tmp_path, monke
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(self))
     with caplog.at_level(logging.INFO):
-        main(["fit", "--config", f"configs/{variant}.yaml", "--trainer.max_steps=2",
+        main(["fit", "--config", f"configs/{variant}.yaml", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
               "--trainer.enable_progress_bar=false"])
     checkpoint = torch.load(pathlib.Path("runs") / variant / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2 and compiled == []
@@ -81,8 +82,12 @@ def test_paper_config_trains_on_a_cpu_without_compiling(variant, tmp_path, monke
         assert f"num_workers 4 capped at the {available_cpus()} CPUs available" in caplog.text
 
 
-def test_compile_auto_is_on_only_on_cuda():
-    assert PretrainModule(compile="auto").compiles is False  # a module without a Trainer is on the CPU
+@pytest.mark.parametrize("device, compiles", [("cpu", False), ("cuda", True)])
+def test_compile_auto_is_on_only_on_cuda(device, compiles):
+    module = PretrainModule(compile="auto", encoder_depth=10, widen_factor=0.125, nf=8, ch_mult=(1, 2))
+    assert module.compiles is False  # without a Trainer the module is on the CPU
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    assert module.compiles is compiles
     assert PretrainModule(compile=True).compiles is True and PretrainModule(compile=False).compiles is False
 
 

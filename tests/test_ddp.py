@@ -36,7 +36,8 @@ def test_console_script_with_ddp_launcher(tmp_path):
 
 @pytest.mark.slow
 def test_chunked_probe_grid_under_ddp_ends_as_in_one_process(tiny_checkpoint, tmp_path):
-    """Chunks of 2 GRU members, clipped at 1.0, on 2 CPU processes: the weights and records of one process."""
+    """Chunks of 2 GRU members on 2 CPU processes take one backward per step, as DDP's reducer expects, and end
+    with the weights and records of one process (every rank trains on the same batches)."""
     def run(name: str, *trainer: str) -> tuple[dict, list[dict]]:
         args = ["fit", "--config", str(REPO / "configs" / "probe" / "gru.yaml"), f"--data.checkpoint={tiny_checkpoint}",
                 f"--data.cache_dir={tmp_path / 'cache'}", "--data.images.init_args.num_train=320",

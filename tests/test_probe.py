@@ -11,6 +11,7 @@ from conftest import REPO
 from trajrep.cli import main
 from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
+from trajrep.errors import TrajrepError
 from trajrep.nn.probes import HEADS
 from trajrep.probe import ProbeModule
 from trajrep.results import read_results
@@ -243,6 +244,11 @@ def test_the_continuous_head_reads_sigma_of_the_noise_process_the_data_names(tmp
                default_root_dir=tmp_path).fit(module, datamodule=data)
     for head in [*module.heads, *module.best_heads]:
         assert (head.sde.sigma_min, head.sde.sigma_max) == (0.002, 80.0)
+    disagreeing = ProbeModule(kind="continuous", learning_rates=[1e-3], seeds=[0], num_classes=[3], feature_dim=4,
+                              times=[0.0, 1.0], results_dir=str(tmp_path / "other"), head_kwargs={"sigma_max": 50.0})
+    with pytest.raises(TrajrepError, match="disagree with the noise process of the cache"):
+        pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   default_root_dir=tmp_path).fit(disagreeing, datamodule=data)
 
 
 def test_a_grid_of_one_member_keeps_its_history(tmp_path):

@@ -42,3 +42,4 @@ def test_tables_name_a_grid_by_g_and_other_time_sets_by_their_times():
     assert grid_label([float(t) for t in granularity_times(10)]) == 10
     assert grid_label([0.0, 0.5, 1.0]) == 2 and grid_label([0.5]) == "-"
     assert grid_label([0.0, 0.3, 0.9]) == "t=0,0.3,0.9" != grid_label([0.0, 0.4, 0.9])  # not g = 2, nor one row
+    assert grid_label([0.5, 0.9]) == "t=0.5,0.9"  # g = 1 is the single point 0.5

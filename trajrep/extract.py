@@ -103,6 +103,9 @@ class Extractor(pl.LightningModule):
 
     def __init__(self, pretrained: PretrainModule, times: list[float], pass_size: int | None = None) -> None:
         super().__init__()
+        if pass_size is not None and pass_size < 1:
+            raise TrajrepError(f"pass_size must be >= 1 encoder inputs (or unset for the device's default), got "
+                               f"{pass_size}")
         self.encoder, self.pass_size = pretrained.encoder, pass_size
         self.register_buffer("log_sigmas", pretrained.sde.log_sigma(torch.tensor(times, dtype=torch.float32)))
 
@@ -111,7 +114,7 @@ class Extractor(pl.LightningModule):
         batch, num_times = x0.shape[0], self.log_sigmas.numel()
         inputs = x0.unsqueeze(1).expand(batch, num_times, *x0.shape[1:]).reshape(batch * num_times, *x0.shape[1:])
         log_sigmas = self.log_sigmas.repeat(batch)
-        size = self.pass_size or pass_size_for(x0.device)
+        size = pass_size_for(x0.device) if self.pass_size is None else self.pass_size
         reps = torch.cat([self.encoder.representation(part, level) for part, level
                           in zip(inputs.split(size), log_sigmas.split(size))])
         return reps.view(batch, num_times, -1)

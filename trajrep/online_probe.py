@@ -171,7 +171,7 @@ class OnlineProbe(pl.Callback):
 
     def _prepare(self, pl_module: PretrainModule, datamodule: ImageDataModule) -> None:
         self._take_subset(datamodule, pl_module.device)
-        self.encoder_pass_size = self.pass_size or pass_size_for(pl_module.device)
+        self.encoder_pass_size = pass_size_for(pl_module.device) if self.pass_size is None else self.pass_size
         self._extractor = Extractor(pl_module, list(self.times), self.encoder_pass_size).to(pl_module.device)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

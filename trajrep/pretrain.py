@@ -87,7 +87,7 @@ class PretrainModule(pl.LightningModule):
         reg_weight: float = 1e-5,
         lr: float = 2e-4,
         warmup_steps: int = 5000,
-        compile: bool | Literal["auto"] = "auto",
+        compile: bool | Literal["auto"] = False,
         channels_last: bool = False,
         matmul_precision: MatmulPrecision | None = None,
         adam_impl: AdamImpl | None = None,

@@ -24,7 +24,8 @@ from trajrep.checks import ensure_writable
 from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
-from trajrep.nn.probes import HEADS, ProbeKind, SingleTimeHead, build_head, clip_grad_norm_per_member_, random_time_subset
+from trajrep.nn.probes import (HEADS, ProbeKind, SingleTimeHead, build_head, clip_grad_norm_per_member_,
+                                random_time_subset)
 from trajrep.results import refuse_replacing, result_path, settings_digest, write_results
 from trajrep.selection import best_epochs, summarise
 
@@ -109,9 +110,9 @@ class MemberAccuracy(Metric):
 class ProbeModule(pl.LightningModule):
     """Trains one probe kind's full grid on cached representations; sizes are linked from the datamodule.
 
-    The members are split into chunks of `member_chunk` (default: MEMBER_CHUNK for the kind), one grouped head
-    each; a training step runs each chunk's forward and backward back to back, so that its activations are still
-    in the CPU's cache for the backward pass. Where CUDA is available the default is one chunk: one large kernel
+    The members are split into chunks of `member_chunk`, one grouped head each; a training step runs each chunk's
+    forward and backward back to back, so that its activations are still in the CPU's cache for the backward
+    pass (MEMBER_CHUNK sizes them per kind). Where CUDA is available the default is one chunk: one large kernel
     is best on a GPU. With `export_attention`, the attention heads' records also carry each member's mean CLS attention
     over the time tokens on the test split (overall and per class) and its masking ablation (extra test passes
     at the end), both with the member's weights at its best validation epoch, the epoch its accuracy comes from.
@@ -133,7 +134,9 @@ class ProbeModule(pl.LightningModule):
         head_kwargs: options of the head (e.g. hidden sizes); an unknown key is refused with the valid ones.
         results_dir: folder of the result files.
         member_chunk: members trained together per forward/backward; None: the whole grid where CUDA is available,
-            else a size per kind that keeps a CPU's activations in cache.
+            else a size per kind that keeps a CPU's activations in cache (decided when the module is built, so set
+            it to train on the CPU of a GPU machine, or to resume a probe checkpoint on a machine of the other
+            kind: the chunks name the weights).
         export_attention: for attention heads, also record attention over t and the masking ablation.
         encoder_name: the pretraining variant's name in tables (a preset's encoder name).
         overwrite_results: replace a result file of the same settings instead of refusing.
@@ -412,6 +415,10 @@ class ProbeModule(pl.LightningModule):
         sigma_min, sigma_max), not a default; data without one (in-memory tensors) keeps the head's own."""
         noise = getattr(self.trainer.datamodule, "metadata", {}).get("sde")
         if self.hparams.kind == "continuous" and noise is not None:
+            given = {key: value for key, value in (self.hparams.head_kwargs or {}).items() if key.startswith("sigma_")}
+            if any(noise[key] != value for key, value in given.items()):
+                raise TrajrepError(f"head_kwargs {given} disagree with the noise process of the cache "
+                                   f"({noise}); leave sigma_min and sigma_max out, the head reads them from the data")
             for heads in (self.heads, getattr(self, "best_heads", [])):
                 for head in heads:
                     head.sde = VESDE(noise["sigma_min"], noise["sigma_max"])

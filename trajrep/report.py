@@ -251,7 +251,8 @@ def time_axes(ax: plt.Axes, sde: dict | None) -> None:
 def panel_title(row: tuple) -> str:
     """Two short lines for a figure panel: dataset and encoder, then latent size, steps, grid (and task)."""
     dataset, encoder, latent_dim, steps, grid, *task = row
-    return f"{dataset}: {encoder}\nd_z = {latent_dim}, {steps} steps, g = {grid}" + "".join(f", {t}" for t in task)
+    times = f"g = {grid}" if isinstance(grid, int) else grid
+    return f"{dataset}: {encoder}\nd_z = {latent_dim}, {steps} steps, {times}" + "".join(f", {t}" for t in task)
 
 
 def shared_legend(figure: plt.Figure, axes: list[plt.Axes], title: str) -> None:

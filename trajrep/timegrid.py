@@ -6,13 +6,13 @@ from trajrep.errors import TrajrepError
 
 
 def grid_label(times: list[float]) -> int | str:
-    """How tables name a probe's times: the granularity g of a grid {0, 1/g, ..., 1}, "-" for one time, and the
-    times themselves for any other set (so that two different sets never share a row)."""
+    """How tables name a probe's times: the granularity g of a grid {0, 1/g, ..., 1}, "-" for a single time, and
+    the times themselves for any other set, so that two sets of several times never share a row."""
     if len(times) == 1:
         return "-"
-    g = len(times) - 1
-    if all(abs(t - float(point)) < 1e-9 for t, point in zip(times, granularity_times(g))):
-        return g
+    points = granularity_times(len(times) - 1)
+    if len(points) == len(times) and all(abs(t - float(point)) < 1e-9 for t, point in zip(times, points)):
+        return len(times) - 1
     return "t=" + ",".join(f"{t:g}" for t in times)
 
 

@@ -30,7 +30,11 @@ def files_fingerprint(files: Iterable[Path]) -> str:
     removed, without reading gigabytes of images on every run."""
     digest = hashlib.sha256()
     for path in sorted(files):
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as error:
+            raise TrajrepError(f"data file {path} cannot be read ({error.strerror}); restore it or remove it from "
+                               "the dataset folder") from error
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
@@ -110,6 +114,7 @@ class ImageDataModule(LightningDataModule, ABC):
         if self.num_workers < requested:
             rank_zero_info(f"num_workers {requested} capped at the {self.num_workers} CPUs available")
         self._datasets: dict[str, Dataset] = {}
+        self._files_sha256: str | None = None  # stat-ing 200k CelebA files once per process is enough
 
     @property
     @abstractmethod
@@ -140,8 +145,13 @@ class ImageDataModule(LightningDataModule, ABC):
 
     def _data_files(self) -> list[Path]:
         """The files images and labels are read from, fingerprinted into `identity` so that replacing one gives a
-        new cache. None for generated data, or for files whose contents are checked against published checksums."""
+        new cache. None for generated data, nor for files that must match published checksums to be read at all."""
         return []
+
+    def _fingerprint(self) -> str:
+        if self._files_sha256 is None:
+            self._files_sha256 = files_fingerprint(self._data_files())
+        return self._files_sha256
 
     @abstractmethod
     def _load(self, split: str) -> Dataset:
@@ -158,7 +168,7 @@ class ImageDataModule(LightningDataModule, ABC):
             "task_names": list(self.task_names),
             "mean": None if self.mean is None else list(self.mean),
             "std": None if self.std is None else list(self.std),
-            "files_sha256": files_fingerprint(self._data_files()),
+            "files_sha256": self._fingerprint(),
             **self._identity_params(),
         }
 

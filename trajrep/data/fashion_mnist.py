@@ -79,8 +79,8 @@ class FashionMNIST(ImageDataModule):
         self.save_hyperparameters()
 
     def _check_files(self) -> None:
-        names = [path.name for path in self._data_files()]
-        missing = [path.name for path in self._data_files() if not path.is_file()]
+        files = self._data_files()
+        names, missing = [path.name for path in files], [path.name for path in files if not path.is_file()]
         if missing:
             where = "does not exist" if not self._root.is_dir() else f"lacks {', '.join(missing)}"
             raise TrajrepError(f"Fashion-MNIST root {self._root} {where}; it needs {', '.join(names)}. Install them "
