@@ -13,6 +13,7 @@ import itertools
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
 from trajrep.errors import TrajrepError
 from trajrep.probe import MemberAccuracy, ensure_results_can_be_written, result_context
@@ -104,4 +105,4 @@ class KNNProbe(pl.LightningModule):
         context = result_context(self, "knn", epochs=None)
         path = write_results(self.hparams.results_dir, records, summarise(records), context,
                              overwrite=self.hparams.overwrite_results)
-        self.print(f"kNN results ({len(records)} settings) -> {path}")
+        rank_zero_info(f"kNN results ({len(records)} settings) -> {path}")

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
 from trajrep.checks import ensure_writable
@@ -444,7 +444,7 @@ class ProbeModule(pl.LightningModule):
             context["attention_weights"] = "best_epoch"
         path = write_results(self.hparams.results_dir, records, summarise(records, len(self.val_history)), context,
                              overwrite=self.hparams.overwrite_results)
-        self.print(f"Probe results ({len(records)} members) -> {path}")
+        rank_zero_info(f"Probe results ({len(records)} members) -> {path}")  # shown with or without a bar
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = [{"params": head.parameters(), "lr": [m["lr"] for m in self.members[part]]}
