@@ -14,8 +14,8 @@ from test_resume import weights
 from trajrep.cli import main
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.errors import TrajrepError
-from trajrep.online_probe import (OnlineProbe, between_image_fraction, ridge_probe_accuracy,
-                                  subset_sizes)
+from trajrep.online_probe import (OnlineProbe, accuracy_name, between_image_fraction, ridge_probe_accuracy,
+                                  split_accuracy_name, subset_sizes)
 from trajrep.pretrain import PretrainModule
 
 TINY = dict(image_channels=3, image_size=32, encoder_depth=10, widen_factor=0.125, nf=8, ch_mult=(1, 2, 2),
@@ -63,8 +63,15 @@ def test_between_image_fraction_is_zero_for_constant_and_one_for_centred_feature
 
 def test_the_pixel_reference_of_a_small_latent_keeps_its_top_principal_components():
     data = SyntheticShapes(num_train=1200, num_test=100)
-    probe = OnlineProbe(num_train=1000, num_heldout=200)  # task 0: the background colour, 9 classes
-    assert probe.pixel_accuracy(data, 1) < 0.5 < probe.pixel_accuracy(data, 32)
+    probe = OnlineProbe(num_train=1000, num_heldout=200)
+    one, many = probe.pixel_accuracy(data, 1), probe.pixel_accuracy(data, 32)
+    assert set(one) == set(many) == set(data.task_names)
+    assert one["background"] < 0.5 < many["background"]  # 9 colours: one direction cannot tell them apart
+
+
+def test_accuracy_names_split_back_into_task_and_t_even_when_a_task_name_has_underscores():
+    assert accuracy_name("class", 0.5) == "online/acc_class_t0.5"
+    assert split_accuracy_name(accuracy_name("Wavy_Hair", 0.25)) == ("Wavy_Hair", "t0.25")
 
 
 def test_a_small_training_split_shrinks_the_subset_in_proportion():
@@ -73,6 +80,18 @@ def test_a_small_training_split_shrinks_the_subset_in_proportion():
     assert subset_sizes(2, 5000, 1000) == (1, 1)
     with pytest.raises(TrajrepError):
         subset_sizes(1, 5000, 1000)
+
+
+def test_each_task_is_probed_on_its_own_labels():
+    data = SyntheticShapes(num_train=1200, num_test=100)
+    probe = OnlineProbe(num_train=1000, num_heldout=200, tasks=[3, 0])
+    assert list(probe.pixel_accuracy(data)) == ["shape", "background"]
+    train = data.dataset("train")
+    drawn = torch.randperm(len(train), generator=torch.Generator().manual_seed(probe.seed))[:1200]
+    expected = torch.stack([train[i][1] for i in drawn.tolist()])[:, [3, 0]]
+    assert torch.equal(probe._labels, expected.long())
+    with pytest.raises(TrajrepError, match=r"tasks \[4\] do not exist"):
+        OnlineProbe(tasks=[4]).pixel_accuracy(data)
 
 
 @pytest.mark.parametrize("kwargs", [dict(every_n_steps=-1), dict(times=()), dict(times=(0.5, 2.0)),
@@ -102,13 +121,14 @@ def probe_lines(caplog) -> list[int]:
     return [int(step) for step in re.findall(r"online probe at step (\d+)", caplog.text)]
 
 
-def test_logs_one_accuracy_per_t_every_n_steps_and_at_the_last_step(tmp_path, caplog):
+def test_logs_one_accuracy_per_task_and_t_every_n_steps_and_at_the_last_step(tmp_path, caplog):
     times = (0.0, 0.5, 1.0)
     fit(tmp_path, 5, [OnlineProbe(every_n_steps=2, times=times, **SMALL_SUBSET)])
     rows = online_rows(tmp_path)
     assert [int(row["step"]) for row in rows] == [2, 4, 5]
     accuracy_keys = sorted(key for key in rows[0] if key.startswith("online/acc_"))
-    assert accuracy_keys == ["online/acc_t0", "online/acc_t0.5", "online/acc_t1"]
+    assert accuracy_keys == sorted(f"online/acc_{task}_t{t:g}" for task in SyntheticShapes().task_names
+                                   for t in times)
     for row in rows:
         assert all(0 <= float(row[key]) <= 1 for key in accuracy_keys)
         assert 0 <= float(row["online/cka_t0_t1"]) <= 1 + 1e-6

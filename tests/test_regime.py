@@ -1,6 +1,7 @@
 """Regime sweep: runs train once, the table reads their online probes, and a sweep grows without retraining."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -42,14 +43,16 @@ def test_a_sweep_tabulates_its_runs_and_grows_without_retraining(tmp_path, capsy
     assert set(rows) == {"l1", "noreg"}
     assert rows["l1"]["reg_weight"] == 0.1 and rows["noreg"]["mode"] == "noreg-drl"
     for row in rows.values():
-        assert row["finished"] and row["steps"] == 4 and row["latent_dim"] == 8
+        assert row["finished"] and row["steps"] == 4 and row["latent_dim"] == 8 and row["wall_minutes"] > 0
         assert [point["step"] for point in row["curve"]] == [2, 4]
-        assert set(row["accuracy"]) == {"t0", "t0.25", "t0.5", "t0.75", "t1"}
-        assert 0 <= row["untrained"] <= 1 and row["wall_minutes"] > 0
-        assert 0 < row["pixel_pca"] <= 1
-    assert 0 < logged["pixels"] <= 1
+        assert list(row["tasks"]) == ["background", "foreground", "location", "shape"]  # the shapes' 4 tasks
+        for task in row["tasks"].values():
+            assert set(task["accuracy"]) == {"t0", "t0.25", "t0.5", "t0.75", "t1"}
+            assert task["best"] == task["accuracy"][task["best_t"]] == max(task["accuracy"].values())
+            assert all(0 <= task[key] <= 1 for key in ("untrained", "pixels", "pixel_pca"))
     table = (out / "table.md").read_text()
     assert "| l1 | reg-drl | 0.125 | 8 | 0.1 |" in table and "| noreg | noreg-drl |" in table
+    assert table.count("| l1 | reg-drl |") == 4  # one line per task
     assert "| pixels PCA-d_z (%) | best - PCA-d_z |" in table
     assert (out / "online.png").stat().st_size > 0
 
@@ -62,6 +65,13 @@ def test_a_sweep_tabulates_its_runs_and_grows_without_retraining(tmp_path, capsy
     assert checkpoint.stat().st_mtime_ns == stamp
     rows = {row["name"]: row for row in json.loads((out / "runs.json").read_text())["runs"]}
     assert rows["wide"]["latent_dim"] == 3 and rows["wide"]["widen_factor"] == 0.25
+
+    # A fresh clone holds results/ but no checkpoints: the recorded runs are not trained again and keep their rows.
+    shutil.rmtree(tmp_path / "runs")
+    printed = run_sweep(tmp_path, sweep, capsys)
+    assert "training" not in printed and printed.count("finished in an earlier checkout") == 3
+    assert json.loads((out / "runs.json").read_text())["runs"] == list(rows.values())
+    assert (out / "table.md").read_text().count("| wide | reg-drl |") == 4
 
 
 def test_repeated_run_names_and_unknown_keys_are_clear_errors(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -131,6 +132,23 @@ def test_rerunning_a_finished_preset_redoes_nothing(smoke_run):
 
 
 @pytest.mark.slow
+def test_a_fresh_clone_with_the_committed_records_pretrains_nothing(smoke_run, tmp_path):
+    # What git holds of a finished preset: results/ (records, tables), no runs/ and no cache.
+    shutil.copytree(smoke_run / "results", tmp_path / "results")
+    records = {path: path.read_bytes() for path in (tmp_path / "results" / "smoke" / "probes").rglob("*.json")}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "trajrep.reproduce", str(REPO / "configs" / "presets" / "smoke.yaml"),
+               "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Trainer.fit" not in done.stdout + done.stderr and "not pretrained again" in done.stdout
+    assert {path: path.read_bytes() for path in records} == records
+    assert not (tmp_path / "cache").exists()  # nothing extracted either
+    expected = (smoke_run / "results" / "smoke" / "table.md").read_text()
+    assert (tmp_path / "results" / "smoke" / "table.md").read_text() == expected
+
+
+@pytest.mark.slow
 def test_killed_preset_keeps_finished_records_and_ends_with_the_same_table(smoke_run, tmp_path):
     command = [sys.executable, "-m", "trajrep.reproduce", str(REPO / "configs" / "presets" / "smoke.yaml"),
                "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
@@ -162,7 +180,7 @@ def test_a_variant_can_be_probed_at_intermediate_steps_with_its_own_seeds(tmp_pa
         return folder / "last.ckpt"
 
     monkeypatch.setattr(reproduction, "pretrain", fake_pretrain)
-    found = reproduction.checkpoints(dataset, long)
+    found = dict(reproduction.checkpoints(dataset, long))
     assert sorted(found) == ["fashion-reg-d8-long-seed2", "fashion-reg-d8-long-seed2-step400",
                              "fashion-reg-d8-long-seed2-step800"]  # its own seed, no untrained control
     assert found["fashion-reg-d8-long-seed2-step800"].name == "epoch=0-step=800.ckpt"

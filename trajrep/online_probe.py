@@ -58,17 +58,32 @@ def time_name(t: float) -> str:
     return f"t{t:g}"
 
 
+def accuracy_name(task: str, t: float) -> str:
+    """The logged name of a task's held-out accuracy at t: online/acc_class_t0.5."""
+    return f"online/acc_{task}_{time_name(t)}"
+
+
+def split_accuracy_name(name: str) -> tuple[str, str]:
+    """(task, time name) of an accuracy metric's name; task names may hold underscores, time names do not."""
+    task, time = name.removeprefix("online/acc_").rsplit("_", 1)
+    return task, time
+
+
 def probe_metrics(features: torch.Tensor, labels: torch.Tensor, num_train: int, times: tuple[float, ...],
-                  num_classes: int, ridge: float) -> dict[str, float]:
-    """The logged numbers from features (N, T, d) of the probe subset, whose first `num_train` rows train the
-    probe and the rest are held out."""
+                  tasks: dict[str, int], ridge: float) -> dict[str, float]:
+    """The logged numbers from features (N, T, d) of the probe subset and its labels (N, tasks), whose first
+    `num_train` rows train the probes and the rest are held out; `tasks` maps each label column's name to its
+    number of classes."""
     per_time = features.transpose(0, 1)  # (T, N, d)
-    accuracy = ridge_probe_accuracy(per_time[:, :num_train], labels[:num_train], per_time[:, num_train:],
-                                    labels[num_train:], num_classes, ridge)
+    metrics = {}
+    for column, (task, num_classes) in enumerate(tasks.items()):
+        accuracy = ridge_probe_accuracy(per_time[:, :num_train], labels[:num_train, column], per_time[:, num_train:],
+                                        labels[num_train:, column], num_classes, ridge)
+        metrics |= {accuracy_name(task, t): float(a) for t, a in zip(times, accuracy)}
     fraction = between_image_fraction(per_time)
     cka = linear_cka(features[:, [0, -1]], max_examples=len(features))[0, 1]
     return {
-        **{f"online/acc_{time_name(t)}": float(a) for t, a in zip(times, accuracy)},
+        **metrics,
         f"online/cka_{time_name(times[0])}_{time_name(times[-1])}": float(cka),
         "online/between_image_fraction": float(fraction.mean()),
         **{f"online/between_image_fraction_{time_name(t)}": float(f) for t, f in zip(times, fraction)},
@@ -100,26 +115,27 @@ class OnlineProbe(pl.Callback):
     """Every `every_n_steps` optimizer steps, and at the last step (`at_end`, when the run stops at max_steps),
     fits a linear probe per t on a fixed labelled subset of the training split and logs to the Trainer's loggers:
 
-    - `online/acc_t{t}`: held-out accuracy of a closed-form ridge probe on standardised E(x, t), per t;
+    - `online/acc_{task}_t{t}`: held-out accuracy of a closed-form ridge probe on standardised E(x, t), per task
+      (`online/acc_class_t0.5` on single-task data) and t;
     - `online/cka_t{first}_t{last}`: linear CKA between E(x, first t) and E(x, last t);
     - `online/between_image_fraction` (mean over t) and `online/between_image_fraction_t{t}`;
     - `online/seconds`: what the probe cost, also printed with the numbers on one line.
 
     The subset is `num_train` + `num_heldout` images of a permutation of the training split drawn from `seed` (the
-    same images in every run and after a resume), shrunk in proportion for smaller splits; labels are those of
-    task `task` (a column of multi-task labels). The encoder is the live (raw) one, in eval mode, as `trajrep
-    extract` reads it by default (not the EMA weights, which the EMA callback swaps in for validation only), under
-    the Trainer's precision (as its steps and extraction run), with features in float32 and the ridge in float64.
-    It draws nothing from the training RNG stream, so resumed runs stay exact. Under DDP only rank 0 probes and
-    logs, with no collective call inside (nothing can hang; the other ranks wait for it at the next gradient
-    all-reduce). `every_n_steps: 0` turns the periodic probe off; `probe(trainer, module)` runs it on demand.
+    same images in every run and after a resume), shrunk in proportion for smaller splits; every task of
+    multi-task data is probed on the same features (one ridge solve each), so a run shows which t each task reads
+    best. The encoder is the live (raw) one, in eval mode, as `trajrep extract` reads it by default (not the EMA
+    weights, which the EMA callback swaps in for validation only), under the Trainer's precision (as its steps
+    and extraction run), with features in float32 and the ridge in float64. It draws nothing from the training
+    RNG stream, so resumed runs stay exact. Under DDP only rank 0 probes and logs, with no collective call inside
+    (nothing can hang; the other ranks wait for it at the next gradient all-reduce). `every_n_steps: 0` turns the periodic probe off; `probe(trainer, module)` runs it on demand.
 
     Args:
         every_n_steps: optimizer steps between probes; 0 probes only at the end.
         times: the t probed.
         num_train: labelled training images of the ridge probe.
         num_heldout: images it is evaluated on.
-        task: the label column probed (multi-task data).
+        tasks: the label columns probed (multi-task data); None: every task.
         ridge: the ridge penalty, relative to the (unit) variance of the standardised features.
         seed: the draw of the probe's images.
         pass_size: images x times per encoder pass; None: 1000 on a GPU, 64 on a CPU.
@@ -127,7 +143,7 @@ class OnlineProbe(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 500, times: tuple[float, ...] = DEFAULT_TIMES, num_train: int = 5000,
-                 num_heldout: int = 1000, task: int = 0, ridge: float = 1e-3, seed: int = 0,
+                 num_heldout: int = 1000, tasks: list[int] | None = None, ridge: float = 1e-3, seed: int = 0,
                  pass_size: int | None = None, at_end: bool = True) -> None:
         if every_n_steps < 0:
             raise TrajrepError(f"OnlineProbe every_n_steps must be >= 0 (0: only at the end), got {every_n_steps}")
@@ -139,17 +155,20 @@ class OnlineProbe(pl.Callback):
         if ridge <= 0 or (pass_size is not None and pass_size < 1):
             raise TrajrepError(f"OnlineProbe needs ridge > 0 and pass_size >= 1, got {ridge} and {pass_size}")
         self.every_n_steps, self.times, self.at_end = every_n_steps, tuple(float(t) for t in times), at_end
-        self.num_train, self.num_heldout, self.task = num_train, num_heldout, task
+        self.num_train, self.num_heldout, self.tasks = num_train, num_heldout, tasks
         self.ridge, self.seed, self.pass_size = ridge, seed, pass_size
         self.encoder_pass_size = pass_size  # resolved for the device in _prepare
-        self._images = self._labels = self._extractor = self._split = None
+        self._images = self._labels = self._extractor = self._split = self._tasks = None
         self._last_step: int | None = None
 
     def _take_subset(self, datamodule: ImageDataModule, device: torch.device) -> None:
-        """The probe's uint8 images and labels on `device`, train part first; only these images are read."""
-        if not 0 <= self.task < len(datamodule.num_classes):
-            raise TrajrepError(f"OnlineProbe task {self.task} does not exist: {type(datamodule).__name__} has "
+        """The probe's uint8 images and labels (N, tasks probed) on `device`, train part first; only these
+        images are read."""
+        columns = range(len(datamodule.num_classes)) if self.tasks is None else self.tasks
+        if not columns or any(not 0 <= task < len(datamodule.num_classes) for task in columns):
+            raise TrajrepError(f"OnlineProbe tasks {self.tasks} do not exist: {type(datamodule).__name__} has "
                                f"{len(datamodule.num_classes)} task(s) {datamodule.task_names}")
+        self._tasks = {datamodule.task_names[task]: datamodule.num_classes[task] for task in columns}
         dataset = datamodule.dataset("train")
         self._split = subset_sizes(len(dataset), self.num_train, self.num_heldout)
         if self._split != (self.num_train, self.num_heldout):
@@ -159,7 +178,7 @@ class OnlineProbe(pl.Callback):
         indices = torch.randperm(len(dataset), generator=generator)[:sum(self._split)]
         with torch.random.fork_rng(devices=[]):  # a dataset could draw when indexed
             images, labels = default_collate([dataset[i] for i in indices.tolist()])
-        labels = labels[:, self.task] if labels.dim() == 2 else labels
+        labels = labels.reshape(len(labels), -1)[:, list(columns)]
         self._images, self._labels = images.to(device), labels.long().to(device)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -197,16 +216,15 @@ class OnlineProbe(pl.Callback):
         with torch.random.fork_rng(devices=devices), evaluating(pl_module.encoder), torch.no_grad(), forward_context:
             features = torch.cat([self._extractor(datamodule.normalize(chunk)).float()
                                   for chunk in self._images.split(self.encoder_pass_size)])
-        metrics = probe_metrics(features, self._labels, self._split[0], self.times,
-                                datamodule.num_classes[self.task], self.ridge)
+        metrics = probe_metrics(features, self._labels, self._split[0], self.times, self._tasks, self.ridge)
         metrics["online/seconds"] = time.perf_counter() - start
         return metrics
 
-    def pixel_accuracy(self, datamodule: ImageDataModule, components: int | None = None) -> float:
-        """Held-out accuracy of the same ridge probe on the subset's raw (normalised, flattened) pixels: the
-        reference a representation should approach. With `components`, on the pixels' top principal components
-        (fitted on the probe's training images) instead: what the linear code of that size that best reconstructs
-        the pixels keeps, the reference for a latent of that size."""
+    def pixel_accuracy(self, datamodule: ImageDataModule, components: int | None = None) -> dict[str, float]:
+        """Held-out accuracy per task of the same ridge probe on the subset's raw (normalised, flattened) pixels:
+        the reference a representation should approach. With `components`, on the pixels' top principal
+        components (fitted on the probe's training images) instead: what the linear code of that size that best
+        reconstructs the pixels keeps, the reference for a latent of that size."""
         if self._images is None:
             self._take_subset(datamodule, torch.device("cpu"))
         pixels = datamodule.normalize(self._images).flatten(1).double()
@@ -215,8 +233,9 @@ class OnlineProbe(pl.Callback):
             centred = pixels - pixels[:train].mean(dim=0)
             directions = torch.linalg.svd(centred[:train], full_matrices=False).Vh[:components]
             pixels = centred @ directions.T
-        return float(ridge_probe_accuracy(pixels[:train], labels[:train], pixels[train:], labels[train:],
-                                          datamodule.num_classes[self.task], self.ridge))
+        return {task: float(ridge_probe_accuracy(pixels[:train], labels[:train, column], pixels[train:],
+                                                 labels[train:, column], num_classes, self.ridge))
+                for column, (task, num_classes) in enumerate(self._tasks.items())}
 
     def probe(self, trainer: pl.Trainer, pl_module: PretrainModule) -> dict[str, float]:
         """Run the probe on the current encoder now, log its numbers at the current step and return them."""
@@ -228,7 +247,10 @@ class OnlineProbe(pl.Callback):
         return metrics
 
     def _summary(self, step: int, metrics: dict[str, float]) -> str:
-        accuracy = ", ".join(f"t={t:g} {100 * metrics[f'online/acc_{time_name(t)}']:.1f} %" for t in self.times)
+        accuracy = "; ".join(
+            (f"{task} " if len(self._tasks) > 1 else "")
+            + ", ".join(f"t={t:g} {100 * metrics[accuracy_name(task, t)]:.1f} %" for t in self.times)
+            for task in self._tasks)
         cka_key = f"online/cka_{time_name(self.times[0])}_{time_name(self.times[-1])}"
         return (f"online probe at step {step}: held-out accuracy {accuracy}; CKA(t={self.times[0]:g}, "
                 f"t={self.times[-1]:g}) {metrics[cka_key]:.3f}; between-image fraction "

@@ -26,6 +26,7 @@ from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
 from trajrep.nn.probes import (HEADS, ProbeKind, SingleTimeHead, build_head, clip_grad_norm_per_member_,
                                 random_time_subset)
+from trajrep.progress import Ticker, duration
 from trajrep.results import refuse_replacing, result_path, settings_digest, write_results
 from trajrep.selection import best_epochs, summarise
 
@@ -400,13 +401,18 @@ class ProbeModule(pl.LightningModule):
         correct = {name: torch.zeros(len(self.members), len(rows), device=self.device) for name, rows in masks.items()}
         was_training, count = self.training, 0
         self.eval()
-        for x, y in self.trainer.datamodule.test_dataloader():
+        loader = self.trainer.datamodule.test_dataloader()
+        # 2 T + 2 passes over the test split after training: long enough to need its own progress lines.
+        ticker = Ticker(f"masking ablation ({2 * num_times + 2} masks), test batch", len(loader))
+        for batch, (x, y) in enumerate(loader, start=1):
             x, labels = x.to(self.device), self.member_labels(y.to(self.device), slice(None))
             for name, rows in masks.items():
                 for i, mask in enumerate(rows):
                     predictions = self(x, key_mask=mask).argmax(dim=-1)
                     correct[name][:, i] += (predictions == labels).sum(dim=1)
             count += x.shape[0]
+            ticker.tick(batch)
+        rank_zero_info(f"masking ablation done: {batch} test batches in {duration(ticker.seconds)}")
         self.train(was_training)
         return {name: values / count for name, values in correct.items()}
 

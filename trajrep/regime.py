@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from jsonargparse import ArgumentParser  # noqa: E402
 from trajrep.cli import build_cli, main as cli_main, summarise_parser_error  # noqa: E402
 from trajrep.errors import TrajrepError, errors_as_one_line  # noqa: E402
 from trajrep.nn.encoder import stage_widths  # noqa: E402
-from trajrep.online_probe import OnlineProbe, time_name  # noqa: E402
+from trajrep.online_probe import OnlineProbe, split_accuracy_name  # noqa: E402
 from trajrep.reproduce import calibrate_untrained  # noqa: E402
 
 
@@ -93,12 +94,40 @@ def run_settings(run_dir: Path) -> dict:
             "data": data["class_path"].rsplit(".", 1)[-1], "precision": config["trainer"]["precision"]}
 
 
+def final_numbers(logged: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per task, the held-out accuracy at every t of a run's last logged probe: {task: {t name: accuracy}}."""
+    tasks: dict[str, dict[str, float]] = {}
+    for key, value in logged[-1].items():
+        if key.startswith("online/acc_"):
+            task, time_label = split_accuracy_name(key)
+            tasks.setdefault(task, {})[time_label] = value
+    return tasks
+
+
+def best_per_task(point: dict[str, float]) -> dict[str, float]:
+    """Per task, the accuracy at its best t in one logged probe."""
+    best: dict[str, float] = {}
+    for key, value in point.items():
+        if key.startswith("online/acc_"):
+            task = split_accuracy_name(key)[0]
+            best[task] = max(best.get(task, 0.0), value)
+    return best
+
+
 class RegimeSweep:
-    """The runs of one sweep file and their summary; each run trains, resumes or is skipped."""
+    """The runs of one sweep file and their summary; each run trains, resumes or is skipped.
+
+    A run is skipped when it finished here (its DONE file) or, in a checkout without its checkpoints (a fresh
+    clone), when the committed results/<sweep>/runs.json records it as finished: its row is then read from there,
+    so a sweep's table outlives the checkpoints, which git does not hold. Delete a run's row there to retrain it.
+    """
 
     def __init__(self, sweep: Sweep, name: str, runs: Path, results: Path) -> None:
         self.sweep, self.name = sweep, name
         self.runs, self.results = runs / name, results / name
+        recorded = self.results / "runs.json"
+        self.recorded = {row["name"]: row for row in json.loads(recorded.read_text())["runs"]} \
+            if recorded.exists() else {}
 
     def _args(self, run: SweepRun, run_dir: Path) -> list[str]:
         # The checkpoint folder right after the config, while ModelCheckpoint is still the last callback there.
@@ -106,11 +135,19 @@ class RegimeSweep:
                 str(run_dir / "checkpoints"), *self.sweep.args, *run.args, f"--seed_everything={self.sweep.seed}",
                 f"--trainer.default_root_dir={run_dir}"]
 
+    def _recorded_only(self, run: SweepRun) -> bool:
+        """Whether the run finished in another checkout and left nothing here but its row in runs.json."""
+        return self.recorded.get(run.name, {}).get("finished", False) and not online_rows(self.runs / run.name)
+
     def train(self, run: SweepRun) -> None:
         """Fit (or resume) one run unless it finished; the seconds of every fit call add up in wall.json (a
         killed call's seconds are not counted)."""
         run_dir = self.runs / run.name
         if (run_dir / "DONE").exists():
+            return
+        if self._recorded_only(run):
+            print(f"trajrep regime: {run.name} finished in an earlier checkout ({self.results / 'runs.json'}); "
+                  "delete its row there to train it again", flush=True)
             return
         last = run_dir / "checkpoints" / "last.ckpt"
         print(f"trajrep regime: {'resuming' if last.exists() else 'training'} {run.name}", flush=True)
@@ -131,22 +168,21 @@ class RegimeSweep:
         cli.datamodule.setup("fit")
         return probes[0], cli
 
-    def untrained_accuracy(self, run: SweepRun) -> float:
-        """Best-t online accuracy of the run's architecture untrained, BatchNorm calibrated (the random-features
-        control), on the probe's images; kept in the run's untrained.json."""
+    def untrained_accuracy(self, run: SweepRun) -> dict[str, float]:
+        """Per task, the best-t online accuracy of the run's architecture untrained, BatchNorm calibrated (the
+        random-features control), on the probe's images; kept in the run's untrained.json."""
         path = self.runs / run.name / "untrained.json"
         if not path.exists():
             probe, cli = self._online_probe(run)
             calibrate_untrained(cli.model, cli.datamodule, self.sweep.seed)
             metrics = probe.measure(cli.model, cli.datamodule)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"best": max(metrics[f"online/acc_{time_name(t)}"] for t in probe.times),
-                                        **metrics}, indent=1) + "\n")
+            path.write_text(json.dumps({"best": best_per_task(metrics), **metrics}, indent=1) + "\n")
         return json.loads(path.read_text())["best"]
 
-    def pixel_accuracy(self, components: int | None = None) -> float:
-        """The same probe on raw pixels of the first run's data, or on their top `components` principal
-        components; kept in pixels.json."""
+    def pixel_accuracy(self, components: int | None = None) -> dict[str, float]:
+        """Per task, the same probe on raw pixels of the first run's data, or on their top `components`
+        principal components; kept in pixels.json."""
         path = self.runs / "pixels.json"
         known = json.loads(path.read_text()) if path.exists() else {}
         key = "accuracy" if components is None else f"pca{components}"
@@ -158,25 +194,31 @@ class RegimeSweep:
         return known[key]
 
     def summary(self) -> list[dict]:
-        """One row per run that logged an online probe: its settings, steps, wall time and final numbers."""
+        """One row per run that logged an online probe (here, or recorded in runs.json by another checkout):
+        its settings, steps, wall time, CKA and, per task, its final accuracy per t against the references."""
         rows = []
         for run in self.sweep.runs:
+            if self._recorded_only(run):
+                rows.append(self.recorded[run.name])
+                continue
             run_dir = self.runs / run.name
             logged = online_rows(run_dir)
             if not logged:
                 continue
             final = logged[-1]
-            accuracy = {key.split("_", 1)[1]: value for key, value in final.items() if key.startswith("online/acc_")}
-            cka = next(value for key, value in final.items() if key.startswith("online/cka_"))
-            wall = run_dir / "wall.json"
             settings = run_settings(run_dir)
-            rows.append({"name": run.name, **settings, "steps": final["step"],
-                         "untrained": self.untrained_accuracy(run),
-                         "pixel_pca": self.pixel_accuracy(settings["latent_dim"]),
-                         "finished": (run_dir / "DONE").exists(),
+            untrained, pixels = self.untrained_accuracy(run), self.pixel_accuracy()
+            pixel_pca = self.pixel_accuracy(settings["latent_dim"])
+            tasks = {}
+            for task, accuracy in final_numbers(logged).items():
+                best_t = max(accuracy, key=accuracy.get)
+                tasks[task] = {"accuracy": accuracy, "best": accuracy[best_t], "best_t": best_t,
+                               "spread": accuracy[best_t] - min(accuracy.values()), "untrained": untrained[task],
+                               "pixels": pixels[task], "pixel_pca": pixel_pca[task]}
+            wall = run_dir / "wall.json"
+            rows.append({"name": run.name, **settings, "steps": final["step"], "finished": (run_dir / "DONE").exists(),
                          "wall_minutes": json.loads(wall.read_text())["seconds"] / 60 if wall.exists() else None,
-                         "accuracy": accuracy, "best": max(accuracy.values()),
-                         "spread": max(accuracy.values()) - min(accuracy.values()), "cka": cka,
+                         "tasks": tasks, "cka": next(v for k, v in final.items() if k.startswith("online/cka_")),
                          "between_image_fraction": final["online/between_image_fraction"], "curve": logged})
         return rows
 
@@ -187,58 +229,68 @@ class RegimeSweep:
 
     def write(self) -> Path:
         """table.md, runs.json and online.png under results/<sweep>/, from what the runs logged so far."""
-        rows, pixels = self.summary(), self.pixel_accuracy()
+        rows = self.summary()
         self.results.mkdir(parents=True, exist_ok=True)
-        (self.results / "runs.json").write_text(json.dumps({"pixels": pixels, "runs": rows}, indent=1) + "\n")
-        times = list(rows[0]["accuracy"]) if rows else []
+        (self.results / "runs.json").write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+        times = list(next(iter(rows[0]["tasks"].values()))["accuracy"]) if rows else []
         header = ["run", "mode", "encoder width k", "d_z", "reg weight", "lr", "batch", "data", "steps", "wall (min)",
-                  *(f"acc {t} (%)" for t in times), "best - worst t", "untrained (%)", "best - untrained",
-                  "best - pixels", "pixels PCA-d_z (%)", "best - PCA-d_z", "CKA(first t, last t)"]
-        lines = [f"Online ridge probe (held-out accuracy per t; {self.sweep.pretrain_config}) at each run's last "
-                 f"logged step; on the same images, raw pixels reach {100 * pixels:.1f} %, their top d_z principal "
-                 "components (the linear code of the latent's size that best reconstructs them) the accuracy in "
-                 "'pixels PCA-d_z', and each run's architecture untrained, BatchNorm calibrated, the accuracy in "
-                 "'untrained'. Runs marked * have not finished.", "",
+                  "task", *(f"acc {t} (%)" for t in times), "best t", "best - worst t", "pixels (%)", "untrained (%)",
+                  "best - untrained", "best - pixels", "pixels PCA-d_z (%)", "best - PCA-d_z", "CKA(first t, last t)"]
+        lines = [f"Online ridge probe (held-out accuracy per task and t; {self.sweep.pretrain_config}) at each run's "
+                 "last logged step, one line per task; on the same images, the same probe reads raw pixels ('pixels'), "
+                 "their top d_z principal components (the linear code of the latent's size that best reconstructs "
+                 "them: 'pixels PCA-d_z') and each run's architecture untrained, BatchNorm calibrated ('untrained'). "
+                 "Runs marked * have not finished.", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
             wall = "-" if row["wall_minutes"] is None else f"{row['wall_minutes']:.0f}"
-            cells = [row["name"] + ("" if row["finished"] else " *"), row["mode"], f"{row['widen_factor']:g}",
-                     row["latent_dim"],
-                     f"{row['reg_weight']:g}", f"{row['lr']:g}", row["batch_size"], row["data"], row["steps"], wall,
-                     *(f"{100 * row['accuracy'][t]:.1f}" for t in times), f"{100 * row['spread']:.1f}",
-                     f"{100 * row['untrained']:.1f}", f"{100 * (row['best'] - row['untrained']):+.1f}",
-                     f"{100 * (row['best'] - pixels):+.1f}", f"{100 * row['pixel_pca']:.1f}",
-                     f"{100 * (row['best'] - row['pixel_pca']):+.1f}", f"{row['cka']:.3f}"]
-            lines.append("| " + " | ".join(map(str, cells)) + " |")
+            run_cells = [row["name"] + ("" if row["finished"] else " *"), row["mode"], f"{row['widen_factor']:g}",
+                         row["latent_dim"], f"{row['reg_weight']:g}", f"{row['lr']:g}", row["batch_size"],
+                         row["data"], row["steps"], wall]
+            for task, numbers in row["tasks"].items():
+                cells = [*run_cells, task, *(f"{100 * numbers['accuracy'][t]:.1f}" for t in times),
+                         numbers["best_t"], f"{100 * numbers['spread']:.1f}", f"{100 * numbers['pixels']:.1f}",
+                         f"{100 * numbers['untrained']:.1f}", f"{100 * (numbers['best'] - numbers['untrained']):+.1f}",
+                         f"{100 * (numbers['best'] - numbers['pixels']):+.1f}", f"{100 * numbers['pixel_pca']:.1f}",
+                         f"{100 * (numbers['best'] - numbers['pixel_pca']):+.1f}", f"{row['cka']:.3f}"]
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
         (self.results / "table.md").write_text("\n".join(lines) + "\n")
-        plot_online_curves(rows, pixels, self.results / "online.png")
+        plot_online_curves(rows, self.results / "online.png")
         return self.results / "table.md"
 
 
-def plot_online_curves(rows: list[dict], pixels: float, path: Path) -> None:
-    """Best-t online accuracy and CKA(first t, last t) over pretraining steps, one line per run (its untrained
-    architecture as a dotted line of the same colour)."""
+def plot_online_curves(rows: list[dict], path: Path) -> None:
+    """Per task, best-t online accuracy over pretraining steps, one line per run (its untrained architecture
+    dotted, raw pixels dashed), and CKA(first t, last t) over steps."""
     if not rows:
         return
-    figure, (accuracy, cka) = plt.subplots(1, 2, figsize=(11, 4.2))
+    tasks = list(rows[0]["tasks"])
+    columns = min(len(tasks) + 1, 3)
+    lines = math.ceil((len(tasks) + 1) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(5.5 * columns, 4.2 * lines + 1), squeeze=False)
+    *accuracy_axes, cka = axes.flat[:len(tasks) + 1]
+    for unused in axes.flat[len(tasks) + 1:]:
+        unused.set_visible(False)
     colours = plt.get_cmap("tab20")(range(len(rows)))
     for row, colour in zip(rows, colours):
         steps = [point["step"] for point in row["curve"]]
-        best = [100 * max(v for k, v in point.items() if k.startswith("online/acc_")) for point in row["curve"]]
+        best = [best_per_task(point) for point in row["curve"]]
+        for task, axis in zip(tasks, accuracy_axes):
+            axis.plot(steps, [100 * b[task] for b in best], "o-", color=colour, label=row["name"], markersize=3)
+            axis.axhline(100 * row["tasks"][task]["untrained"], color=colour, ls=":", lw=1)
         similarity = [next(v for k, v in point.items() if k.startswith("online/cka_")) for point in row["curve"]]
-        accuracy.plot(steps, best, "o-", color=colour, label=row["name"], markersize=3)
-        accuracy.axhline(100 * row["untrained"], color=colour, ls=":", lw=1)
         cka.plot(steps, similarity, "o-", color=colour, markersize=3)
-    accuracy.axhline(100 * pixels, color="black", ls="--", label="raw pixels")
-    accuracy.plot([], [], color="grey", ls=":", lw=1, label="dotted: the run's encoder untrained (calibrated)")
-    accuracy.set(xlabel="pretraining step", ylabel="held-out accuracy at the best t (%)",
-                 title="Is it a representation? (online ridge probe)")
+    for task, axis in zip(tasks, accuracy_axes):
+        axis.axhline(100 * rows[0]["tasks"][task]["pixels"], color="black", ls="--", label="raw pixels")
+        axis.set(xlabel="pretraining step", ylabel=f"held-out {task} accuracy at the best t (%)",
+                 title=f"Is it a representation? ({task}, online ridge probe)")
+    accuracy_axes[0].plot([], [], color="grey", ls=":", lw=1, label="dotted: the run's encoder untrained (calibrated)")
     cka.set(xlabel="pretraining step", ylabel="linear CKA(E(x, first t), E(x, last t))",
             title="Does it depend on t? (1 = the same at every t)")
     cka.set_ylim(min(0.0, *(math.floor(10 * p[k]) / 10 for r in rows for p in r["curve"] for k in p
                             if k.startswith("online/cka_"))), 1.02)
-    figure.tight_layout(rect=(0, 0.22, 1, 1))
-    handles, labels = accuracy.get_legend_handles_labels()
+    figure.tight_layout(rect=(0, 0.9 / (4.2 * lines + 1), 1, 1))
+    handles, labels = accuracy_axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -253,6 +305,8 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--summary-only", action="store_true", help="tabulate what the runs logged so far, train "
                         "nothing (e.g. while a sweep runs)")
     options = parser.parse_args(args)
+    # Each run is a LightningCLI given its own args while sys.argv holds ours: intended here, so not a warning.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     with errors_as_one_line():
         sweep = load_sweep(options.sweep)
         regime = RegimeSweep(sweep, Path(options.sweep).stem, Path(options.runs), Path(options.results))

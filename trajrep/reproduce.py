@@ -8,7 +8,9 @@ Every stage is skipped when its output exists and is valid, so a killed run pick
 - a pretraining run is done once `fit` returned (a DONE marker); otherwise it resumes from its last checkpoint,
   and the probe results built from the earlier checkpoint are removed;
 - caches are content-addressed (RepresentationDataModule reuses a valid one);
-- a probe grid is done when its result file exists and passes its checksum.
+- a probe grid is done when its result file exists and passes its checksum;
+- a pretraining run whose probes are all done is not needed again: a fresh clone, which has the committed records
+  but no checkpoints, goes on from the first run with a missing record.
 Two controls come with every preset: the same probes on an untrained encoder of each variant, and the MLP on raw
 pixels. Outputs: runs/<preset>/ (checkpoints, logs; not in git), results/<preset>/ (records, tables, figures).
 """
@@ -20,6 +22,7 @@ import json
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,16 +250,33 @@ class Reproduction:
                                "ModelCheckpoint saves (a multiple of its every_n_train_steps)")
         return found[-1]
 
-    def checkpoints(self, dataset: Dataset, encoder: Encoder) -> dict[str, Path]:
-        """Every checkpoint of a variant that gets probed, by run name: final, intermediate, untrained."""
-        found = {}
+    def checkpoints(self, dataset: Dataset, encoder: Encoder) -> Iterator[tuple[str, Path]]:
+        """Every checkpoint of a variant that still gets probed, as (run name, checkpoint): final, intermediate,
+        untrained. Lazily, seed by seed, so that the caller probes each run before the next one pretrains (a
+        sitting that ends mid-preset leaves records, not only checkpoints). A run that did not finish here but
+        whose every probe is recorded under results/ (a fresh clone: git holds the records, not the checkpoints)
+        is left out rather than pretrained again."""
         for seed in encoder.seeds or self.preset.seeds:
             run = f"{dataset.name}-{encoder.name}-seed{seed}"
-            found[run] = last = self.pretrain(dataset, encoder, seed)
-            found.update({f"{run}-step{step}": self.at_step(last, step) for step in encoder.probe_steps})
-        if encoder.untrained:
-            found[f"{dataset.name}-{encoder.name}-untrained"] = self.untrained(dataset, encoder)
-        return found
+            probed = [run, *(f"{run}-step{step}" for step in encoder.probe_steps)]
+            if not (self.runs / run / "DONE").exists() and all(map(self._recorded, probed)):
+                print(f"trajrep: {run} is probed in full in {self.results / 'probes'}; not pretrained again",
+                      flush=True)
+                continue
+            last = self.pretrain(dataset, encoder, seed)
+            yield run, last
+            for step in encoder.probe_steps:
+                yield f"{run}-step{step}", self.at_step(last, step)
+        untrained = f"{dataset.name}-{encoder.name}-untrained"
+        if encoder.untrained and not self._recorded(untrained):
+            yield untrained, self.untrained(dataset, encoder)
+
+    def _recorded(self, run: str) -> bool:
+        """Whether results/ holds a valid record of every probe grid of one run (every grid, kind and replicated
+        control of the preset)."""
+        folders = [self.results / "probes" / run / f"g{grid}" for grid in self.preset.grids]
+        return all(self._probe_done(folder, kind) for folder in folders for kind in self.preset.probes) and \
+            all(self._probe_done(folder / "replicated", kind) for folder in folders for kind in self.preset.replicated)
 
     def untrained(self, dataset: Dataset, encoder: Encoder) -> Path:
         """A checkpoint of the variant's randomly initialised model (0 steps), its encoder's BatchNorm statistics
@@ -325,12 +345,11 @@ class Reproduction:
 
     def run(self) -> Path:
         for dataset in self.preset.datasets:
-            checkpoints = {(encoder.name, run): checkpoint for encoder in self.preset.encoders
-                           for run, checkpoint in self.checkpoints(dataset, encoder).items()}
-            for (encoder, run), checkpoint in checkpoints.items():
-                for grid in self.preset.grids:
-                    self.probe_trajectory(f"{run}/g{grid}", dataset, self._representation_data(checkpoint, grid),
-                                          encoder)
+            for encoder in self.preset.encoders:
+                for run, checkpoint in self.checkpoints(dataset, encoder):
+                    for grid in self.preset.grids:
+                        self.probe_trajectory(f"{run}/g{grid}", dataset,
+                                              self._representation_data(checkpoint, grid), encoder.name)
             for kind in SINGLE_TIME_KINDS:  # the raw-pixel control, through the same protocol
                 if kind in self.preset.probes:
                     self.probe(f"{dataset.name}-pixels", kind, dataset, ["--data=PixelProbeData"],
