@@ -95,7 +95,7 @@ def test_each_task_is_probed_on_its_own_labels():
 
 
 @pytest.mark.parametrize("kwargs", [dict(every_n_steps=-1), dict(times=()), dict(times=(0.5, 2.0)),
-                                    dict(num_heldout=0), dict(ridge=0.0)])
+                                    dict(num_heldout=0), dict(ridge=0.0), dict(tasks=[]), dict(tasks=[0, 0, 1])])
 def test_bad_settings_are_clear_errors(kwargs):
     with pytest.raises(TrajrepError, match="OnlineProbe"):
         OnlineProbe(**kwargs)

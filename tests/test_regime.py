@@ -16,7 +16,8 @@ TINY_SWEEP_ARGS = ["--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--
                    "--trainer.callbacks.init_args.every_n_train_steps=2", "--data.init_args.batch_size=8",
                    "--data.init_args.num_train=64", "--model.init_args.nf=8", "--model.init_args.widen_factor=0.125",
                    "--trainer.callbacks+=OnlineProbe", "--trainer.callbacks.init_args.every_n_steps=2",
-                   "--trainer.callbacks.init_args.num_train=40", "--trainer.callbacks.init_args.num_heldout=16"]
+                   "--trainer.callbacks.init_args.num_train=40", "--trainer.callbacks.init_args.num_heldout=16",
+                   "--trainer.callbacks.init_args.tasks=[3,0]"]  # shape, then background: not the CSV's order
 
 
 def write_sweep(path, runs):
@@ -45,14 +46,14 @@ def test_a_sweep_tabulates_its_runs_and_grows_without_retraining(tmp_path, capsy
     for row in rows.values():
         assert row["finished"] and row["steps"] == 4 and row["latent_dim"] == 8 and row["wall_minutes"] > 0
         assert [point["step"] for point in row["curve"]] == [2, 4]
-        assert list(row["tasks"]) == ["background", "foreground", "location", "shape"]  # the shapes' 4 tasks
+        assert list(row["tasks"]) == ["shape", "background"]  # the probe's order
         for task in row["tasks"].values():
             assert set(task["accuracy"]) == {"t0", "t0.25", "t0.5", "t0.75", "t1"}
             assert task["best"] == task["accuracy"][task["best_t"]] == max(task["accuracy"].values())
             assert all(0 <= task[key] <= 1 for key in ("untrained", "pixels", "pixel_pca"))
     table = (out / "table.md").read_text()
     assert "| l1 | reg-drl | 0.125 | 8 | 0.1 |" in table and "| noreg | noreg-drl |" in table
-    assert table.count("| l1 | reg-drl |") == 4  # one line per task
+    assert table.count("| l1 | reg-drl |") == 2  # one line per task
     assert "| pixels PCA-d_z (%) | best - PCA-d_z |" in table
     assert (out / "online.png").stat().st_size > 0
 
@@ -66,12 +67,16 @@ def test_a_sweep_tabulates_its_runs_and_grows_without_retraining(tmp_path, capsy
     rows = {row["name"]: row for row in json.loads((out / "runs.json").read_text())["runs"]}
     assert rows["wide"]["latent_dim"] == 3 and rows["wide"]["widen_factor"] == 0.25
 
-    # A fresh clone holds results/ but no checkpoints: the recorded runs are not trained again and keep their rows.
+    # A fresh clone holds results/ but no checkpoints: the recorded runs are not trained again and keep their rows,
+    # even beside a local run of the same name that did not finish (an unreadable checkpoint: resuming would fail).
     shutil.rmtree(tmp_path / "runs")
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not a checkpoint")
     printed = run_sweep(tmp_path, sweep, capsys)
-    assert "training" not in printed and printed.count("finished in an earlier checkout") == 3
+    assert "training" not in printed and "resuming" not in printed
+    assert printed.count("finished in an earlier checkout") == 3
     assert json.loads((out / "runs.json").read_text())["runs"] == list(rows.values())
-    assert (out / "table.md").read_text().count("| wide | reg-drl |") == 4
+    assert (out / "table.md").read_text().count("| wide | reg-drl |") == 2
 
 
 def test_repeated_run_names_and_unknown_keys_are_clear_errors(tmp_path):

@@ -188,6 +188,26 @@ def test_a_variant_can_be_probed_at_intermediate_steps_with_its_own_seeds(tmp_pa
         reproduction.at_step(found["fashion-reg-d8-long-seed2"], 600)
 
 
+def test_each_run_is_probed_before_the_next_one_pretrains_and_recorded_runs_are_not_pretrained(tmp_path,
+                                                                                                monkeypatch):
+    preset = load_preset(REPO / "configs" / "presets" / "smoke.yaml")
+    reproduction = Reproduction(preset, "smoke", tmp_path / "runs", tmp_path / "results")
+    dataset, encoder = preset.datasets[0], preset.encoders[0]
+    seeds = encoder.seeds or preset.seeds
+    assert len(seeds) >= 2
+    events = []
+    monkeypatch.setattr(reproduction, "pretrain", lambda d, e, seed: events.append(("pretrain", seed)) or tmp_path)
+    monkeypatch.setattr(reproduction, "untrained", lambda d, e: events.append(("untrained",)) or tmp_path)
+    monkeypatch.setattr(reproduction, "_recorded", lambda run: run.endswith(f"seed{seeds[0]}"))
+    for run, _checkpoint in reproduction.checkpoints(dataset, encoder):
+        events.append(("probe", run))
+    runs = [f"{dataset.name}-{encoder.name}-seed{seed}" for seed in seeds[1:]]
+    expected = [event for seed, run in zip(seeds[1:], runs) for event in (("pretrain", seed), ("probe", run))]
+    if encoder.untrained:
+        expected += [("untrained",), ("probe", f"{dataset.name}-{encoder.name}-untrained")]
+    assert events == expected  # the first seed is recorded in full: neither pretrained nor probed
+
+
 def test_time_axes_label_sigma_at_the_t_positions_where_the_noise_process_is_known():
     figure, (known, unknown) = plt.subplots(1, 2)
     time_axes(known, {"sigma_min": 0.01, "sigma_max": 50.0})

@@ -152,6 +152,8 @@ class OnlineProbe(pl.Callback):
         if num_train < 1 or num_heldout < 1:
             raise TrajrepError(f"OnlineProbe needs num_train >= 1 and num_heldout >= 1, got {num_train} and "
                                f"{num_heldout}")
+        if tasks is not None and (not tasks or len(set(tasks)) != len(tasks)):
+            raise TrajrepError(f"OnlineProbe tasks must be distinct label columns (or null for every task), got {tasks}")
         if ridge <= 0 or (pass_size is not None and pass_size < 1):
             raise TrajrepError(f"OnlineProbe needs ridge > 0 and pass_size >= 1, got {ridge} and {pass_size}")
         self.every_n_steps, self.times, self.at_end = every_n_steps, tuple(float(t) for t in times), at_end
@@ -165,7 +167,7 @@ class OnlineProbe(pl.Callback):
         """The probe's uint8 images and labels (N, tasks probed) on `device`, train part first; only these
         images are read."""
         columns = range(len(datamodule.num_classes)) if self.tasks is None else self.tasks
-        if not columns or any(not 0 <= task < len(datamodule.num_classes) for task in columns):
+        if any(not 0 <= task < len(datamodule.num_classes) for task in columns):
             raise TrajrepError(f"OnlineProbe tasks {self.tasks} do not exist: {type(datamodule).__name__} has "
                                f"{len(datamodule.num_classes)} task(s) {datamodule.task_names}")
         self._tasks = {datamodule.task_names[task]: datamodule.num_classes[task] for task in columns}

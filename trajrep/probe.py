@@ -404,15 +404,15 @@ class ProbeModule(pl.LightningModule):
         loader = self.trainer.datamodule.test_dataloader()
         # 2 T + 2 passes over the test split after training: long enough to need its own progress lines.
         ticker = Ticker(f"masking ablation ({2 * num_times + 2} masks), test batch", len(loader))
-        for batch, (x, y) in enumerate(loader, start=1):
+        for done, (x, y) in enumerate(loader, start=1):
             x, labels = x.to(self.device), self.member_labels(y.to(self.device), slice(None))
             for name, rows in masks.items():
                 for i, mask in enumerate(rows):
                     predictions = self(x, key_mask=mask).argmax(dim=-1)
                     correct[name][:, i] += (predictions == labels).sum(dim=1)
             count += x.shape[0]
-            ticker.tick(batch)
-        rank_zero_info(f"masking ablation done: {batch} test batches in {duration(ticker.seconds)}")
+            ticker.tick(done)
+        rank_zero_info(f"masking ablation done: {len(loader)} test batches in {duration(ticker.seconds)}")
         self.train(was_training)
         return {name: values / count for name, values in correct.items()}
 

@@ -16,6 +16,8 @@ HARMLESS_WARNINGS = (
      "PretrainModule's configure_model shards nothing (it sets fast paths), and is safe to call twice"),
     ("Precision bf16-mixed is not supported by the model summary", "only the summary's size in MB is estimated"),
     ("Starting from v1.9.0, `tensorboardX` has been removed", "the CSV logger is trajrep's intended default"),
+    ("LightningCLI's args parameter is intended to run from within Python",
+     "presets and sweeps run each stage as a LightningCLI given its own args while sys.argv holds theirs"),
 )
 # INFO lines of Lightning that are advertising, not information.
 HARMLESS_INFO = ("try installing [litlogger]",)

@@ -16,7 +16,6 @@ import csv
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,13 +94,19 @@ def run_settings(run_dir: Path) -> dict:
 
 
 def final_numbers(logged: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per task, the held-out accuracy at every t of a run's last logged probe: {task: {t name: accuracy}}."""
+    """Per task, the held-out accuracy at every t of a run's last logged probe: {task: {t name: accuracy}}, the
+    times in increasing order (the CSV log sorts its columns as text)."""
     tasks: dict[str, dict[str, float]] = {}
     for key, value in logged[-1].items():
         if key.startswith("online/acc_"):
             task, time_label = split_accuracy_name(key)
             tasks.setdefault(task, {})[time_label] = value
-    return tasks
+    return {task: dict(sorted(by_time.items(), key=lambda item: float(item[0][1:]))) for task, by_time in tasks.items()}
+
+
+def cka_of(point: dict[str, float]) -> float:
+    """CKA(first t, last t) of one logged probe."""
+    return next(value for key, value in point.items() if key.startswith("online/cka_"))
 
 
 def best_per_task(point: dict[str, float]) -> dict[str, float]:
@@ -117,9 +122,9 @@ def best_per_task(point: dict[str, float]) -> dict[str, float]:
 class RegimeSweep:
     """The runs of one sweep file and their summary; each run trains, resumes or is skipped.
 
-    A run is skipped when it finished here (its DONE file) or, in a checkout without its checkpoints (a fresh
-    clone), when the committed results/<sweep>/runs.json records it as finished: its row is then read from there,
-    so a sweep's table outlives the checkpoints, which git does not hold. Delete a run's row there to retrain it.
+    A run is skipped when it finished here (its DONE file) or when the committed results/<sweep>/runs.json
+    records it as finished and it did not finish here (a fresh clone, whose runs/ git does not hold): its row is
+    then read from there, so a sweep's table outlives the checkpoints. Delete a run's row there to retrain it.
     """
 
     def __init__(self, sweep: Sweep, name: str, runs: Path, results: Path) -> None:
@@ -136,12 +141,12 @@ class RegimeSweep:
                 f"--trainer.default_root_dir={run_dir}"]
 
     def _recorded_only(self, run: SweepRun) -> bool:
-        """Whether the run finished in another checkout and left nothing here but its row in runs.json."""
-        return self.recorded.get(run.name, {}).get("finished", False) and not online_rows(self.runs / run.name)
+        """Whether the run finished in another checkout (its row in runs.json) and not here."""
+        return self.recorded.get(run.name, {}).get("finished", False) and not (self.runs / run.name / "DONE").exists()
 
     def train(self, run: SweepRun) -> None:
-        """Fit (or resume) one run unless it finished; the seconds of every fit call add up in wall.json (a
-        killed call's seconds are not counted)."""
+        """Fit (or resume) one run unless it finished, here or in the checkout that wrote runs.json; the seconds of
+        every fit call add up in wall.json (a killed call's seconds are not counted)."""
         run_dir = self.runs / run.name
         if (run_dir / "DONE").exists():
             return
@@ -209,8 +214,8 @@ class RegimeSweep:
             settings = run_settings(run_dir)
             untrained, pixels = self.untrained_accuracy(run), self.pixel_accuracy()
             pixel_pca = self.pixel_accuracy(settings["latent_dim"])
-            tasks = {}
-            for task, accuracy in final_numbers(logged).items():
+            tasks, numbers = {}, final_numbers(logged)
+            for task, accuracy in ((task, numbers[task]) for task in untrained):  # the data's order of tasks
                 best_t = max(accuracy, key=accuracy.get)
                 tasks[task] = {"accuracy": accuracy, "best": accuracy[best_t], "best_t": best_t,
                                "spread": accuracy[best_t] - min(accuracy.values()), "untrained": untrained[task],
@@ -218,7 +223,7 @@ class RegimeSweep:
             wall = run_dir / "wall.json"
             rows.append({"name": run.name, **settings, "steps": final["step"], "finished": (run_dir / "DONE").exists(),
                          "wall_minutes": json.loads(wall.read_text())["seconds"] / 60 if wall.exists() else None,
-                         "tasks": tasks, "cka": next(v for k, v in final.items() if k.startswith("online/cka_")),
+                         "tasks": tasks, "cka": cka_of(final),
                          "between_image_fraction": final["online/between_image_fraction"], "curve": logged})
         return rows
 
@@ -228,7 +233,8 @@ class RegimeSweep:
         return self.write()
 
     def write(self) -> Path:
-        """table.md, runs.json and online.png under results/<sweep>/, from what the runs logged so far."""
+        """table.md, runs.json and online.png under results/<sweep>/, from what the runs logged so far and the
+        rows kept from runs.json."""
         rows = self.summary()
         self.results.mkdir(parents=True, exist_ok=True)
         (self.results / "runs.json").write_text(json.dumps({"runs": rows}, indent=1) + "\n")
@@ -278,8 +284,7 @@ def plot_online_curves(rows: list[dict], path: Path) -> None:
         for task, axis in zip(tasks, accuracy_axes):
             axis.plot(steps, [100 * b[task] for b in best], "o-", color=colour, label=row["name"], markersize=3)
             axis.axhline(100 * row["tasks"][task]["untrained"], color=colour, ls=":", lw=1)
-        similarity = [next(v for k, v in point.items() if k.startswith("online/cka_")) for point in row["curve"]]
-        cka.plot(steps, similarity, "o-", color=colour, markersize=3)
+        cka.plot(steps, [cka_of(point) for point in row["curve"]], "o-", color=colour, markersize=3)
     for task, axis in zip(tasks, accuracy_axes):
         axis.axhline(100 * rows[0]["tasks"][task]["pixels"], color="black", ls="--", label="raw pixels")
         axis.set(xlabel="pretraining step", ylabel=f"held-out {task} accuracy at the best t (%)",
@@ -287,8 +292,7 @@ def plot_online_curves(rows: list[dict], path: Path) -> None:
     accuracy_axes[0].plot([], [], color="grey", ls=":", lw=1, label="dotted: the run's encoder untrained (calibrated)")
     cka.set(xlabel="pretraining step", ylabel="linear CKA(E(x, first t), E(x, last t))",
             title="Does it depend on t? (1 = the same at every t)")
-    cka.set_ylim(min(0.0, *(math.floor(10 * p[k]) / 10 for r in rows for p in r["curve"] for k in p
-                            if k.startswith("online/cka_"))), 1.02)
+    cka.set_ylim(min(0.0, *(math.floor(10 * cka_of(p)) / 10 for r in rows for p in r["curve"])), 1.02)
     figure.tight_layout(rect=(0, 0.9 / (4.2 * lines + 1), 1, 1))
     handles, labels = accuracy_axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
@@ -305,8 +309,6 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--summary-only", action="store_true", help="tabulate what the runs logged so far, train "
                         "nothing (e.g. while a sweep runs)")
     options = parser.parse_args(args)
-    # Each run is a LightningCLI given its own args while sys.argv holds ours: intended here, so not a warning.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     with errors_as_one_line():
         sweep = load_sweep(options.sweep)
         regime = RegimeSweep(sweep, Path(options.sweep).stem, Path(options.runs), Path(options.results))

@@ -21,7 +21,6 @@ import io
 import json
 import shutil
 import sys
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +180,15 @@ def _in_repository(path: str) -> Path:
     return here if here.is_absolute() or here.exists() else CONFIGS.parent / path
 
 
+def _is_valid_record(path: Path) -> bool:
+    """Whether a result file reads and passes its checksum (leaving it in place either way)."""
+    try:
+        read_results(path)
+    except TrajrepError:
+        return False
+    return True
+
+
 def calibrate_untrained(model: PretrainModule, images: ImageDataModule, seed: int,
                         num_images: int = CALIBRATION_IMAGES, batch_size: int = 100) -> str:
     """Calibrate an untrained model's encoder BatchNorm on a seeded sample of training images; returns the
@@ -233,8 +241,14 @@ class Reproduction:
         last = run_dir / "checkpoints" / "last.ckpt"
         if done.exists() and last.exists():
             return last
-        for stale in [self.results / "probes" / run, *(self.results / "probes").glob(f"{run}-step*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # built from an older checkpoint
+        stale = [folder for folder in [self.results / "probes" / run, *(self.results / "probes").glob(f"{run}-step*")]
+                 if folder.exists()]
+        if stale:  # built from an older checkpoint (or one another checkout trained), not the one about to be
+            records = sum(len(list(folder.rglob("*.json"))) for folder in stale)
+            print(f"trajrep: {run} is pretrained again, so its {records} earlier probe records are removed "
+                  f"({', '.join(map(str, stale))})", flush=True)
+        for folder in stale:
+            shutil.rmtree(folder)
         resume = ["--ckpt_path", str(last)] if last.exists() else []
         self._run_stage("fit", [*self._pretrain_args(dataset, encoder, seed, run_dir),
                                 *self._logger_args(run, "pretrain", run_dir), *resume])
@@ -259,7 +273,7 @@ class Reproduction:
         for seed in encoder.seeds or self.preset.seeds:
             run = f"{dataset.name}-{encoder.name}-seed{seed}"
             probed = [run, *(f"{run}-step{step}" for step in encoder.probe_steps)]
-            if not (self.runs / run / "DONE").exists() and all(map(self._recorded, probed)):
+            if all(map(self._recorded, probed)):
                 print(f"trajrep: {run} is probed in full in {self.results / 'probes'}; not pretrained again",
                       flush=True)
                 continue
@@ -273,10 +287,11 @@ class Reproduction:
 
     def _recorded(self, run: str) -> bool:
         """Whether results/ holds a valid record of every probe grid of one run (every grid, kind and replicated
-        control of the preset)."""
+        control of the preset). Only reads: an invalid record counts as missing and is left for `probe` to redo."""
         folders = [self.results / "probes" / run / f"g{grid}" for grid in self.preset.grids]
-        return all(self._probe_done(folder, kind) for folder in folders for kind in self.preset.probes) and \
-            all(self._probe_done(folder / "replicated", kind) for folder in folders for kind in self.preset.replicated)
+        wanted = [(folder, kind) for folder in folders for kind in self.preset.probes] + \
+            [(folder / "replicated", kind) for folder in folders for kind in self.preset.replicated]
+        return all(any(_is_valid_record(path) for path in folder.glob(f"{kind}-*.json")) for folder, kind in wanted)
 
     def untrained(self, dataset: Dataset, encoder: Encoder) -> Path:
         """A checkpoint of the variant's randomly initialised model (0 steps), its encoder's BatchNorm statistics
@@ -366,8 +381,6 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--wandb-project", default=None, help="log every stage to this W&B project (overrides the "
                         "preset's); WANDB_MODE=offline works without an account")
     options = parser.parse_args(args)
-    # Each stage is a LightningCLI given its own args while sys.argv holds ours: intended here, so not a warning.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     with errors_as_one_line():
         preset = load_preset(options.preset)
         preset.wandb_project = options.wandb_project or preset.wandb_project
