@@ -128,7 +128,8 @@ class OnlineProbe(pl.Callback):
     weights, which the EMA callback swaps in for validation only), under the Trainer's precision (as its steps
     and extraction run), with features in float32 and the ridge in float64. It draws nothing from the training
     RNG stream, so resumed runs stay exact. Under DDP only rank 0 probes and logs, with no collective call inside
-    (nothing can hang; the other ranks wait for it at the next gradient all-reduce). `every_n_steps: 0` turns the periodic probe off; `probe(trainer, module)` runs it on demand.
+    (nothing can hang; the other ranks wait for it at the next gradient all-reduce). `every_n_steps: 0` turns the
+    periodic probe off; `probe(trainer, module)` runs it on demand.
 
     Args:
         every_n_steps: optimizer steps between probes; 0 probes only at the end.
@@ -153,7 +154,8 @@ class OnlineProbe(pl.Callback):
             raise TrajrepError(f"OnlineProbe needs num_train >= 1 and num_heldout >= 1, got {num_train} and "
                                f"{num_heldout}")
         if tasks is not None and (not tasks or len(set(tasks)) != len(tasks)):
-            raise TrajrepError(f"OnlineProbe tasks must be distinct label columns (or null for every task), got {tasks}")
+            raise TrajrepError(f"OnlineProbe tasks must be distinct label columns (or null for every task), "
+                               f"got {tasks}")
         if ridge <= 0 or (pass_size is not None and pass_size < 1):
             raise TrajrepError(f"OnlineProbe needs ridge > 0 and pass_size >= 1, got {ridge} and {pass_size}")
         self.every_n_steps, self.times, self.at_end = every_n_steps, tuple(float(t) for t in times), at_end

@@ -101,7 +101,8 @@ def final_numbers(logged: list[dict[str, float]]) -> dict[str, dict[str, float]]
         if key.startswith("online/acc_"):
             task, time_label = split_accuracy_name(key)
             tasks.setdefault(task, {})[time_label] = value
-    return {task: dict(sorted(by_time.items(), key=lambda item: float(item[0][1:]))) for task, by_time in tasks.items()}
+    return {task: dict(sorted(by_time.items(), key=lambda item: float(item[0][1:])))
+            for task, by_time in tasks.items()}
 
 
 def cka_of(point: dict[str, float]) -> float:
