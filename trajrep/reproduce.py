@@ -267,9 +267,9 @@ class Reproduction:
     def checkpoints(self, dataset: Dataset, encoder: Encoder) -> Iterator[tuple[str, Path]]:
         """Every checkpoint of a variant that still gets probed, as (run name, checkpoint): final, intermediate,
         untrained. Lazily, seed by seed, so that the caller probes each run before the next one pretrains (a
-        sitting that ends mid-preset leaves records, not only checkpoints). A run that did not finish here but
-        whose every probe is recorded under results/ (a fresh clone: git holds the records, not the checkpoints)
-        is left out rather than pretrained again."""
+        sitting that ends mid-preset leaves records, not only checkpoints). A run whose every probe is recorded
+        under results/ is left out, checkpoint or not (a fresh clone: git holds the records, not the
+        checkpoints), so it is never pretrained again."""
         for seed in encoder.seeds or self.preset.seeds:
             run = f"{dataset.name}-{encoder.name}-seed{seed}"
             probed = [run, *(f"{run}-step{step}" for step in encoder.probe_steps)]
