@@ -11,7 +11,7 @@ APT := $(if $(filter 0,$(shell id -u)),apt-get,$(shell command -v sudo >/dev/nul
 install: data
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,diffusers]"
 
 # Fashion-MNIST for the real-data preset and tests, from Debian's package when apt is available.
 data:

@@ -134,3 +134,12 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nThe tests wrote into the checkout (they must write under tmp_path): {', '.join(written[:10])}"
               + (f" and {len(written) - 10} more" if len(written) > 10 else ""))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def sigint_restored():
+    """Lightning answers a KeyboardInterrupt inside a Trainer call by ignoring SIGINT for the rest of the process
+    (a test raises one on purpose); subprocesses would inherit that, and could no longer be interrupted."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)

@@ -3,9 +3,12 @@
 import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +18,9 @@ from scipy import stats
 from conftest import REPO, kill_when
 from trajrep.analysis import js_divergence_bits, task_divergence
 from trajrep.errors import TrajrepError
-from trajrep.report import COLUMNS, DIFFERENCES, difference_interval, plt, time_axes
+from trajrep.report import COLUMNS, DIFFERENCES, difference_interval, plt, report, time_axes
+import trajrep.reproduce
+from trajrep.launch import run_inline
 from trajrep.reproduce import Encoder, Reproduction, load_preset
 from trajrep.results import read_results
 
@@ -141,7 +146,9 @@ def test_a_fresh_clone_with_the_committed_records_pretrains_nothing(smoke_run, t
                "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Trainer.fit" not in done.stdout + done.stderr and "not pretrained again" in done.stdout
+    assert "Trainer.fit" not in done.stdout + done.stderr
+    counts = re.search(r"\b(\d+) of (\d+) stages are done; 1 to check and run", done.stdout)
+    assert counts and int(counts[1]) == int(counts[2]) - 1  # every stage but the report, which is always redone
     assert {path: path.read_bytes() for path in records} == records
     assert not (tmp_path / "cache").exists()  # nothing extracted either
     expected = (smoke_run / "results" / "smoke" / "table.md").read_text()
@@ -165,27 +172,80 @@ def test_killed_preset_keeps_finished_records_and_ends_with_the_same_table(smoke
     assert (tmp_path / "results" / "smoke" / "table.md").read_text() == expected
 
 
-def test_a_variant_can_be_probed_at_intermediate_steps_with_its_own_seeds(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_local_launcher_runs_two_stages_at_once_goes_on_after_a_killed_job_and_records_what_inline_does(
+        smoke_run, tmp_path):
+    # The smoke preset cut to one seed, a single-t probe and a mixer (each stage is a process of its own): its
+    # records must be those of the same runs in the inline smoke run.
+    preset = yaml.safe_load((REPO / "configs" / "presets" / "smoke.yaml").read_text())
+    preset.update(seeds=[1], probes=["mlp", "transformer"], replicated=[])
+    preset["encoders"][0]["untrained"] = False
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(preset))
+    command = [sys.executable, "-m", "trajrep.reproduce", str(tmp_path / "smoke.yaml"), "--runs",
+               str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--launcher", "local", "--jobs", "2"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}  # no stage waits for a GPU
+    jobs, target = tmp_path / "runs" / "smoke" / "jobs", "pretrain/shapes-reg-drl-seed1"
+
+    def task_of(stage: str) -> int | None:  # the pid of the job's task (the controller's child), once it runs
+        try:
+            job = json.loads((jobs / "jobs.json").read_text())["jobs"].get(stage, {}).get("job_id")
+            children = pathlib.Path(f"/proc/{job}/task/{job}/children").read_text().split() if job else []
+        except (OSError, ValueError):  # not written yet, or the controller is gone
+            return None
+        return int(children[0]) if children else None
+
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not task_of(target):
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-2000:]
+            time.sleep(0.02)
+        os.kill(task_of(target), signal.SIGKILL)  # the stage dies mid-way: its job ends without a result
+        assert first.wait(timeout=600) != 0
+    output = (tmp_path / "first.log").read_text()
+    assert f"{target} failed" in output and ", 2 running" in output  # the pixel probe ran beside it
+    records = {path: path.stat().st_mtime_ns for path in (tmp_path / "results").rglob("*.json")}
+    assert records and all("pixels" in str(path) for path in records)
+
+    state = subprocess.run([*command, "--status"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    unfinished = {line.split()[0] for line in state.stdout.splitlines()[:-1] if line.split()[1] != "done"}
+    assert target in unfinished and "report" in unfinished and len(unfinished) == 1 + 1 + 2 + 1
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert set(re.findall(r"started (\S+) \(job", again.stdout)) == unfinished  # only what had not finished
+    assert {path: path.stat().st_mtime_ns for path in records} == records
+    made = sorted((tmp_path / "results" / "smoke" / "probes").rglob("*.json"))
+    assert len(made) == 1 + 2 and (tmp_path / "results" / "smoke" / "table.md").exists()
+    inline_probes = tmp_path / "inline" / "probes"
+    for path in made:  # the same configuration (the name's hashes) and the same accuracies as inline
+        inline = smoke_run / path.relative_to(tmp_path)
+        assert read_results(path)["summary"] == read_results(inline)["summary"], path.name
+        (inline_probes / path.relative_to(tmp_path / "results" / "smoke" / "probes")).parent.mkdir(
+            parents=True, exist_ok=True)
+        shutil.copy(inline, inline_probes / path.relative_to(tmp_path / "results" / "smoke" / "probes"))
+    # The table of the inline runner's records of these runs is the local launcher's table.
+    report(inline_probes, tmp_path / "inline")
+    assert (tmp_path / "inline" / "table.md").read_text() == (tmp_path / "results" / "smoke" / "table.md").read_text()
+
+
+def test_a_variant_can_be_probed_at_intermediate_steps_with_its_own_seeds(tmp_path):
     preset = load_preset(REPO / "configs" / "presets" / "cpu.yaml")
-    reproduction = Reproduction(preset, "cpu", tmp_path / "runs", tmp_path / "results")
-    dataset = preset.datasets[0]
     long = Encoder(name="reg-d8-long", args=["--trainer.max_steps=1200"], seeds=[2], probe_steps=[400, 800],
                    untrained=False)
-
-    def fake_pretrain(dataset, encoder, seed):
-        folder = tmp_path / "runs" / "cpu" / f"{dataset.name}-{encoder.name}-seed{seed}" / "checkpoints"
-        folder.mkdir(parents=True, exist_ok=True)
-        for step in (400, 800, 1200):
-            (folder / f"epoch=0-step={step}.ckpt").touch()
-        return folder / "last.ckpt"
-
-    monkeypatch.setattr(reproduction, "pretrain", fake_pretrain)
-    found = dict(reproduction.checkpoints(dataset, long))
-    assert sorted(found) == ["fashion-reg-d8-long-seed2", "fashion-reg-d8-long-seed2-step400",
-                             "fashion-reg-d8-long-seed2-step800"]  # its own seed, no untrained control
-    assert found["fashion-reg-d8-long-seed2-step800"].name == "epoch=0-step=800.ckpt"
+    preset.encoders = [long]
+    reproduction = Reproduction(preset, "cpu", tmp_path / "runs", tmp_path / "results")
+    dataset = preset.datasets[0].name
+    caches = [stage.name for stage in reproduction.stages() if stage.kind == "cache"]
+    run = f"{dataset}-reg-d8-long-seed2"
+    assert caches == [f"cache/{run}", f"cache/{run}-step400", f"cache/{run}-step800"]  # its own seed, no untrained
+    folder = tmp_path / "runs" / "cpu" / run / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in (400, 800, 1200):
+        (folder / f"epoch=0-step={step}.ckpt").touch()
+    assert reproduction.at_step(folder / "last.ckpt", 800).name == "epoch=0-step=800.ckpt"
     with pytest.raises(TrajrepError, match="no checkpoint of step 600"):
-        reproduction.at_step(found["fashion-reg-d8-long-seed2"], 600)
+        reproduction.at_step(folder / "last.ckpt", 600)
 
 
 def test_each_run_is_probed_before_the_next_one_pretrains_and_recorded_runs_are_not_pretrained(tmp_path,
@@ -196,15 +256,21 @@ def test_each_run_is_probed_before_the_next_one_pretrains_and_recorded_runs_are_
     seeds = encoder.seeds or preset.seeds
     assert len(seeds) >= 2
     events = []
-    monkeypatch.setattr(reproduction, "pretrain", lambda d, e, seed: events.append(("pretrain", seed)) or tmp_path)
-    monkeypatch.setattr(reproduction, "untrained", lambda d, e: events.append(("untrained",)) or tmp_path)
-    monkeypatch.setattr(reproduction, "_recorded", lambda run: run.endswith(f"seed{seeds[0]}"))
-    for run, _checkpoint in reproduction.checkpoints(dataset, encoder):
-        events.append(("probe", run))
-    runs = [f"{dataset.name}-{encoder.name}-seed{seed}" for seed in seeds[1:]]
-    expected = [event for seed, run in zip(seeds[1:], runs) for event in (("pretrain", seed), ("probe", run))]
+    monkeypatch.setattr(reproduction, "pretrain", lambda d, e, seed: events.append(("pretrain", seed)))
+    monkeypatch.setattr(reproduction, "untrained", lambda d, e: events.append(("untrained",)))
+    monkeypatch.setattr(reproduction, "build_cache", lambda d, checkpoint: None)
+    monkeypatch.setattr(reproduction, "probe_grid", lambda run, grid, kind, *args, **kw: events.append(("probe", run)))
+    monkeypatch.setattr(reproduction, "probe", lambda run, *args, **kw: None)  # the raw-pixel control
+    monkeypatch.setattr(reproduction, "report", lambda: None)
+    recorded = f"{dataset.name}-{encoder.name}-seed{seeds[0]}"
+    monkeypatch.setattr(trajrep.reproduce, "_has_record", lambda folder, kind: recorded in str(folder))
+    run_inline(reproduction.stages())
+    per_run = [None] * len(preset.grids) * (len(preset.probes) + len(preset.replicated))
+    expected = [event for seed in seeds[1:] for event in (("pretrain", seed),
+                                                           *[("probe", f"{dataset.name}-{encoder.name}-seed{seed}")
+                                                             for _ in per_run])]
     if encoder.untrained:
-        expected += [("untrained",), ("probe", f"{dataset.name}-{encoder.name}-untrained")]
+        expected += [("untrained",), *[("probe", f"{dataset.name}-{encoder.name}-untrained") for _ in per_run]]
     assert events == expected  # the first seed is recorded in full: neither pretrained nor probed
 
 

@@ -42,7 +42,7 @@ def test_killed_pretraining_resumes_to_the_same_weights(tmp_path):
     steps = 20  # 2.5 epochs of 8 batches: the kill lands mid-epoch, the resumed run crosses epoch boundaries
     # Validation every 3 batches (the tiny args turn it off): evaluating must not shift the training RNG stream.
     # Every step's checkpoint is kept, so the file the kill waits for cannot vanish before it is seen.
-    extra = ("--trainer.limit_val_batches=1", "--trainer.val_check_interval=3",
+    extra = ("--trainer.limit_val_batches=2", "--trainer.val_check_interval=3",
              "--trainer.callbacks.init_args.save_top_k=-1")
     main(tiny_fit_args(tmp_path / "straight", steps, *extra))
     straight = weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")

@@ -3,6 +3,7 @@
 import inspect
 import os
 import re
+import sys
 from operator import itemgetter
 from pathlib import Path
 from typing import Literal, NoReturn, Optional
@@ -18,6 +19,7 @@ from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, Ima
                           ImageFolder, SyntheticShapes)
 from trajrep.data.representations import PixelProbeData, RepresentationDataModule  # noqa: F401
 from trajrep.checks import ensure_trainer_fits_machine, ensure_wandb_ready, ensure_writable
+from trajrep.denoiser import TrajrepBackbone, extract_denoiser_features, list_layers as layers_of, load_backbone
 from trajrep.disk import AtomicCheckpointIO
 from trajrep.errors import DEBUG_ENV, TrajrepError, errors_as_one_line
 from trajrep.extract import existing_checkpoint, extract_representations, load_pretrained_weights, read_checkpoint
@@ -102,16 +104,40 @@ class TrajrepTrainer(Trainer):
         cache_dir: str = "cache",
         batch_size: int = 64,
         recompute: bool = False,
-    ) -> Path:
-        """Compute E(x0, t) on a time grid for the train and test images once and keep it on disk."""
+        source: Literal["encoder", "denoiser"] = "encoder",
+        blocks: list[str] | None = None,
+        draws: int = 1,
+        noise_seed: int = 0,
+        backbone: str | None = None,
+        list_layers: bool = False,
+    ) -> Path | None:
+        """Compute E(x0, t) on a time grid for the train and test images once and keep it on disk; with
+        `source: denoiser`, the pooled outputs of the score network's `blocks` at x_t instead (of `backbone`, a
+        trajrep checkpoint or a diffusers model folder, when given; `draws` noise draws per image and t).
+        `list_layers` prints the blocks of the backbone with their output shapes and extracts nothing."""
         if not isinstance(model, PretrainModule) or not isinstance(datamodule, ImageDataModule):
             raise TrajrepError("extract needs a pretraining config: a PretrainModule model and an image datamodule "
                                "(e.g. --config configs/quickstart.yaml)")
-        if ckpt_path is None:
-            raise TrajrepError("extract needs --ckpt_path, the checkpoint written by `trajrep fit`")
-        load_pretrained_weights(model, ckpt_path, ema)
-        return extract_representations(self, model, datamodule, build_time_grid(times, granularities), ema, dtype,
-                                       cache_dir, batch_size=batch_size, recompute=recompute, checkpoint=ckpt_path)
+        if backbone is None and ckpt_path is not None:
+            load_pretrained_weights(model, ckpt_path, ema)
+        if list_layers or source == "denoiser":
+            network = load_backbone(backbone, ema, datamodule) if backbone else TrajrepBackbone(model, datamodule)
+            if list_layers:
+                for name, shape in layers_of(network):
+                    print(f"{name:<24} {' x '.join(map(str, shape))}")
+                return None
+        if ckpt_path is None and backbone is None:
+            raise TrajrepError("extract needs --ckpt_path, the checkpoint written by `trajrep fit` (or, with "
+                               "--source denoiser, --backbone: a checkpoint or a diffusers model folder)")
+        grid = build_time_grid(times, granularities)
+        if source == "denoiser":
+            if not blocks:
+                raise TrajrepError("--source denoiser needs --blocks, the blocks to cache; --list_layers lists them")
+            return extract_denoiser_features(self, network, datamodule, grid, blocks, dtype, cache_dir, draws=draws,
+                                             noise_seed=noise_seed, batch_size=batch_size, recompute=recompute,
+                                             checkpoint=backbone or ckpt_path)
+        return extract_representations(self, model, datamodule, grid, ema, dtype, cache_dir, batch_size=batch_size,
+                                       recompute=recompute, checkpoint=ckpt_path)
 
 
 class TrajrepCLI(LightningCLI):
@@ -231,8 +257,15 @@ def build_cli(args: ArgsType = None, run: bool = True) -> TrajrepCLI:
 def main(args: ArgsType = None) -> None:
     """Entry point of the console script; `args` lets tests run it in process.
 
-    User-fixable problems (TrajrepError) end with one line on stderr and exit code 2; set TRAJREP_DEBUG=1 for the
-    traceback.
+    `trajrep reproduce PRESET ...` runs a whole preset (trajrep.reproduce, imported only then: it builds on this
+    CLI). User-fixable problems (TrajrepError) end with one line on stderr and exit code 2; set TRAJREP_DEBUG=1 for
+    the traceback.
     """
+    command = sys.argv[1:] if args is None else args
+    if isinstance(command, list) and command[:1] == ["reproduce"]:
+        from trajrep.reproduce import main as reproduce
+
+        reproduce(command[1:])
+        return
     with errors_as_one_line():
         build_cli(args)

@@ -9,6 +9,7 @@ import inspect
 import math
 import pickle  # only for the exception type that torch.load(weights_only=True) raises
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,16 @@ class WholeBatchSampler(DistributedSampler):
 
 
 class ExtractionData(pl.LightningDataModule):
-    """Predict-time view of an image datamodule: the requested splits, indexed, normalised on transfer."""
+    """Predict-time view of an image datamodule: the requested splits, indexed, normalised on transfer (by the
+    datamodule, as in pretraining, unless `normalize` scales uint8 images to another model's input range)."""
 
-    def __init__(self, images: ImageDataModule, splits: tuple[str, ...], batch_size: int) -> None:
+    def __init__(self, images: ImageDataModule, splits: tuple[str, ...], batch_size: int,
+                 normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         self.images = images
         self.splits = splits
         self.batch_size = batch_size
+        self.normalize = normalize or images.normalize
 
     def predict_dataloader(self) -> list[DataLoader]:
         loaders = []
@@ -80,7 +84,7 @@ class ExtractionData(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         index, images, labels = batch
-        return index, self.images.normalize(images), labels
+        return index, self.normalize(images), labels
 
 
 # Encoder inputs per pass: on a CPU the fastest in benchmarks/extract.py (activations stay in cache); a GPU wants
@@ -106,7 +110,7 @@ class Extractor(pl.LightningModule):
         if pass_size is not None and pass_size < 1:
             raise TrajrepError(f"pass_size must be >= 1 encoder inputs (or unset for the device's default), got "
                                f"{pass_size}")
-        self.encoder, self.pass_size = pretrained.encoder, pass_size
+        self.encoder, self.pass_size = pretrained.require_encoder("extraction"), pass_size
         self.register_buffer("log_sigmas", pretrained.sde.log_sigma(torch.tensor(times, dtype=torch.float32)))
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
@@ -140,9 +144,11 @@ class CacheRowWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
-        index, reps, labels = prediction
+        index, reps, labels = prediction  # reps: (B, T, d), or one such tensor per layer
+        arrays = [part.float().cpu().numpy().astype(self.writer.dtype) for part in
+                  (reps if isinstance(reps, list) else [reps])]
         self.writer.write(self.splits[dataloader_idx], index.cpu().numpy(),
-                          reps.float().cpu().numpy().astype(self.writer.dtype), labels.cpu().numpy())
+                          arrays if isinstance(reps, list) else arrays[0], labels.cpu().numpy())
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.barrier("cache-written")
@@ -230,10 +236,22 @@ def extract_representations(trainer: pl.Trainer, model: PretrainModule, images: 
                             splits: tuple[str, ...] = SPLITS, batch_size: int = 64, recompute: bool = False,
                             checkpoint: str | None = None, pass_size: int | None = None) -> Path:
     """Build (or reuse) the cache for `model`'s encoder, already loaded with the weights to extract."""
-    for split in splits:
+    identity = extraction_identity(model, images, times, ema, dtype, splits)
+    sigmas = [math.exp(v) for v in model.sde.log_sigma(torch.tensor(times)).tolist()]
+    return write_cache(trainer, Extractor(model, times, pass_size), identity, {"checkpoint": checkpoint,
+                       "sigmas": sigmas}, ExtractionData(images, splits, batch_size), times, model.latent_dim,
+                       dtype, cache_dir, recompute)
+
+
+def write_cache(trainer: pl.Trainer, predictor: pl.LightningModule, identity: dict, described: dict,
+                data: ExtractionData, times: list[float], feature_dim: int | list[int], dtype: str,
+                cache_dir: str | Path, recompute: bool, layers: list[str] | None = None) -> Path:
+    """The cache of `identity` (its key), reused when it exists, else written by Lightning's predict loop over
+    `data` with `predictor`, whose predictions are (row index, features, labels); `described` goes into the
+    manifest beside the identity (what the cache is of, but not part of its key)."""
+    for split in data.splits:
         if split not in SPLITS:
             raise TrajrepError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    identity = extraction_identity(model, images, times, ema, dtype, splits)
     key = cache_key(identity)
     cache_dir = Path(cache_dir)
     path = cache_dir / key
@@ -243,17 +261,16 @@ def extract_representations(trainer: pl.Trainer, model: PretrainModule, images: 
             RepresentationCache(path)
             rank_zero_info(f"Reusing representation cache {path}")
             return path
-        sizes = {split: len(images.dataset(split)) for split in splits}
-        label_shapes = {split: tuple(images.dataset(split)[0][1].shape) for split in splits}
-        writer = CacheWriter(path, {**identity, "key": key, "checkpoint": checkpoint,
-                                    "sigmas": [math.exp(v) for v in model.sde.log_sigma(torch.tensor(times)).tolist()]},
-                             sizes, label_shapes, times, model.latent_dim, dtype)
-        row_writer = CacheRowWriter(writer, splits)
+        images = data.images
+        sizes = {split: len(images.dataset(split)) for split in data.splits}
+        label_shapes = {split: tuple(images.dataset(split)[0][1].shape) for split in data.splits}
+        writer = CacheWriter(path, {**identity, "key": key, **described}, sizes, label_shapes, times, feature_dim,
+                             dtype, layers)
+        row_writer = CacheRowWriter(writer, data.splits)
         trainer.callbacks.append(row_writer)
         start = time.perf_counter()
         try:
-            trainer.predict(Extractor(model, times, pass_size), datamodule=ExtractionData(images, splits, batch_size),
-                            return_predictions=False)
+            trainer.predict(predictor, datamodule=data, return_predictions=False)
         finally:
             trainer.callbacks.remove(row_writer)
         seconds = time.perf_counter() - start

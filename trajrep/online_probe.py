@@ -190,6 +190,7 @@ class OnlineProbe(pl.Callback):
             return
         if not isinstance(pl_module, PretrainModule) or not isinstance(trainer.datamodule, ImageDataModule):
             raise TrajrepError("OnlineProbe needs a pretraining run: a PretrainModule and an image datamodule")
+        pl_module.require_encoder("OnlineProbe", "leave the OnlineProbe callback out of a score-only run")
         self._prepare(pl_module, trainer.datamodule)
 
     def _prepare(self, pl_module: PretrainModule, datamodule: ImageDataModule) -> None:

@@ -1,4 +1,5 @@
-"""DRL pretraining: a time-conditioned encoder and a latent-conditioned score network trained jointly (SPEC §1-5)."""
+"""DRL pretraining: a time-conditioned encoder and a latent-conditioned score network trained jointly (SPEC §1-5);
+or, in `score-only` mode, a plain diffusion model whose denoiser features are probed instead (trajrep.denoiser)."""
 
 import os
 from collections.abc import Iterable
@@ -12,10 +13,10 @@ from trajrep.errors import TrajrepError
 from trajrep.nn.encoder import TimeConditionedWRN
 from trajrep.nn.unet import ScoreUNet
 
-EncoderMode = Literal["probabilistic-drl", "reg-drl", "noreg-drl"]
+EncoderMode = Literal["probabilistic-drl", "reg-drl", "noreg-drl", "score-only"]
 MatmulPrecision = Literal["highest", "high", "medium"]
 AdamImpl = Literal["for-loop", "foreach", "fused"]
-ENCODER_MODES = ("probabilistic-drl", "reg-drl", "noreg-drl")
+ENCODER_MODES = ("probabilistic-drl", "reg-drl", "noreg-drl", "score-only")
 
 
 def dsm_loss(h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,9 @@ class PretrainModule(pl.LightningModule):
     Args:
         image_channels: channels of the images (set from the data).
         image_size: height and width of the images (set from the data).
-        mode: reg-drl (L1 on E), probabilistic-drl (Gaussian posterior, KL to N(0, I)) or noreg-drl (no regulariser).
+        mode: reg-drl (L1 on E), probabilistic-drl (Gaussian posterior, KL to N(0, I)), noreg-drl (no
+            regulariser), or score-only: no encoder, the score U-Net alone (the same SDE and loss), a backbone for
+            denoiser features.
         encoder_depth: depth of the Wide-ResNet encoder (6n + 4).
         widen_factor: width multiplier k of the encoder's stages (16k, 32k, 64k channels).
         latent_dim: size d_z of E(x0, t); None gives the last stage's width, 64k.
@@ -99,10 +102,11 @@ class PretrainModule(pl.LightningModule):
             raise TrajrepError(f"learning rate must be positive, got lr={lr}")
         self.save_hyperparameters()
         self.sde = VESDE(sigma_min, sigma_max, t_min)
-        self.encoder = TimeConditionedWRN(image_channels, encoder_depth, widen_factor,
-                                          probabilistic=mode == "probabilistic-drl", latent_dim=latent_dim)
-        self.score_net = ScoreUNet(image_channels, image_size, self.encoder.feature_dim, nf, tuple(ch_mult),
-                                   num_res_blocks, tuple(attn_resolutions), dropout, latent_bottleneck)
+        self.encoder = None if mode == "score-only" else TimeConditionedWRN(
+            image_channels, encoder_depth, widen_factor, probabilistic=mode == "probabilistic-drl",
+            latent_dim=latent_dim)
+        self.score_net = ScoreUNet(image_channels, image_size, self.latent_dim, nf, tuple(ch_mult), num_res_blocks,
+                                   tuple(attn_resolutions), dropout, latent_bottleneck)
 
     def configure_model(self) -> None:
         # Idempotent: Lightning's EMA (WeightAveraging) calls this hook too, before the Trainer does.
@@ -112,8 +116,9 @@ class PretrainModule(pl.LightningModule):
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
         if self.compiles:  # the inner networks: Lightning's hooks stay eager and checkpoints keep their keys
-            self.encoder.compile()
-            self.score_net.compile()
+            for network in (self.encoder, self.score_net):
+                if network is not None:
+                    network.compile()
 
     @property
     def compiles(self) -> bool:
@@ -130,12 +135,23 @@ class PretrainModule(pl.LightningModule):
 
     @property
     def latent_dim(self) -> int:
-        return self.encoder.feature_dim
+        """d_z; 0 for a score-only model."""
+        return 0 if self.encoder is None else self.encoder.feature_dim
 
-    def encode(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent fed to the score net and its regulariser per example, according to the encoder mode."""
-        out = self.encoder(x0, self.sde.log_sigma(t))
+    def require_encoder(self, what: str, instead: str = "probe its denoiser features (--data.source=denoiser)"
+                        ) -> TimeConditionedWRN:
+        """The encoder, or a clear error for a score-only model, which has none."""
+        if self.encoder is None:
+            raise TrajrepError(f"{what} reads E(x0, t), and this model is score-only (it has no encoder): {instead}")
+        return self.encoder
+
+    def encode(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Latent fed to the score net and its regulariser per example, according to the encoder mode (a
+        score-only model: no latent, no regulariser)."""
         mode = self.hparams.mode
+        if mode == "score-only":
+            return None, torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        out = self.encoder(x0, self.sde.log_sigma(t))
         if mode == "probabilistic-drl":
             mu, logvar = out.chunk(2, dim=1)
             z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
@@ -150,20 +166,21 @@ class PretrainModule(pl.LightningModule):
         training images, each image at its own t ~ U(t_min, 1): what a random-features control needs, since the
         initial statistics (mean 0, variance 1) leave eval-mode features almost constant across images.
         Returns the number of images seen; the encoder is left in eval mode."""
-        norms = [m for m in self.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        encoder = self.require_encoder("BatchNorm calibration", "a random-weights backbone needs none")
+        norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in norms]
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None  # cumulative moving average
-        self.encoder.train()
+        encoder.train()
         seen = 0
         for x0 in batches:
             t = self.sde.sample_time(x0.shape[0], device=x0.device, generator=generator)
-            self.encoder(x0, self.sde.log_sigma(t))
+            encoder(x0, self.sde.log_sigma(t))
             seen += x0.shape[0]
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-        self.encoder.eval()
+        encoder.eval()
         return seen
 
     def loss_terms(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:

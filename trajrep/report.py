@@ -50,6 +50,8 @@ def encoder_label(context: dict) -> str:
     if context.get("encoder_mode") == "pixels":
         return "pixels"
     name = str(context.get("encoder_name") or context.get("encoder_mode"))
+    if context.get("layer"):  # denoiser features: one row per block
+        name = f"{name} @ {context['layer']}"
     return f"untrained {name}" if context.get("pretrain_steps") == 0 else name
 
 

@@ -1,10 +1,12 @@
 """The whole experiment for a preset: pretrain -> cache -> probe grids -> report, resumable stage by stage.
 
     python -m trajrep.reproduce configs/presets/smoke.yaml      (make reproduce-table PRESET=smoke)
+    trajrep reproduce configs/presets/paper.yaml --launcher slurm  (each stage a job: trajrep.launch)
 
 A preset (configs/presets/*.yaml, the `Preset` fields) names the datasets (each with its pretraining config and
 the images its probes read), the encoder variants, the pretraining seeds, the time grids and the probe kinds.
-Every stage is skipped when its output exists and is valid, so a killed run picks up where it stopped:
+The preset becomes a graph of stages (`Reproduction.stages`), and a stage is skipped when its output exists and is
+valid, so a killed run picks up where it stopped:
 - a pretraining run is done once `fit` returned (a DONE marker); otherwise it resumes from its last checkpoint,
   and the probe results built from the earlier checkpoint are removed;
 - caches are content-addressed (RepresentationDataModule reuses a valid one);
@@ -21,8 +23,9 @@ import io
 import json
 import shutil
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -34,10 +37,13 @@ from trajrep.checks import ensure_wandb_ready, ensure_writable
 from trajrep.cli import build_cli, main as cli_main, summarise_parser_error
 from trajrep.data.base import ImageDataModule
 from trajrep.errors import TrajrepError, errors_as_one_line
+from trajrep.launch import (LAUNCHERS, Resources, Stage, check_launch, print_graph, print_status, resources_for,
+                            run_inline, run_local, submit_slurm)
 from trajrep.nn.probes import HEADS
 from trajrep.pretrain import PretrainModule
 from trajrep.report import report
 from trajrep.results import read_results
+from trajrep.threads import available_cpus
 from trajrep.timegrid import granularity_times
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -87,7 +93,9 @@ class Preset:
     (e.g. head sizes), `pixel_probe_args[kind]` last to the raw-pixel control's probe of that kind (pixels are far
     wider than a latent, so their lr grid sits elsewhere). `replicated` kinds (mixers) run again on the MLP's best
     single t repeated at every position: their capacity control (for multi-task data, the best t of the first task).
-    `threads` is every stage's torch CPU threads (default: the CPUs available to the process)."""
+    `threads` is every stage's torch CPU threads (default: the CPUs available to the process; with the local
+    launcher, their share of them). `resources[kind]` is what a stage of that kind (pretrain, untrained, cache,
+    probe, report) asks a SLURM cluster for; unset fields keep trajrep's defaults (trajrep.launch)."""
 
     datasets: list[Dataset]
     encoders: list[Encoder]
@@ -103,10 +111,11 @@ class Preset:
     replicated: list[str] = field(default_factory=list)
     wandb_project: str | None = None
     threads: int | None = None
+    resources: dict[str, Resources] = field(default_factory=dict)
 
 
-def load_preset(path: str | Path) -> Preset:
-    """Parse and check a preset file (unknown or mistyped keys fail here, with the key named)."""
+def load_preset(path: str | Path, check: bool = True) -> Preset:
+    """Parse a preset file (unknown or mistyped keys fail here, with the key named) and, with `check`, check it."""
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(Preset, nested_key="preset")
     try:
@@ -114,7 +123,8 @@ def load_preset(path: str | Path) -> Preset:
     except Exception as error:  # jsonargparse reports which key is wrong
         raise TrajrepError(f"preset {path} is not valid: {summarise_parser_error(str(error))}") from None
     preset = parser.instantiate(config).preset
-    check_preset(preset, f"preset {path}")
+    if check:
+        check_preset(preset, f"preset {path}")
     return preset
 
 
@@ -264,26 +274,71 @@ class Reproduction:
                                "ModelCheckpoint saves (a multiple of its every_n_train_steps)")
         return found[-1]
 
-    def checkpoints(self, dataset: Dataset, encoder: Encoder) -> Iterator[tuple[str, Path]]:
-        """Every checkpoint of a variant that still gets probed, as (run name, checkpoint): final, intermediate,
-        untrained. Lazily, seed by seed, so that the caller probes each run before the next one pretrains (a
-        sitting that ends mid-preset leaves records, not only checkpoints). A run whose every probe is recorded
-        under results/ is left out, checkpoint or not (a fresh clone: git holds the records, not the
-        checkpoints), so it is never pretrained again."""
-        for seed in encoder.seeds or self.preset.seeds:
-            run = f"{dataset.name}-{encoder.name}-seed{seed}"
-            probed = [run, *(f"{run}-step{step}" for step in encoder.probe_steps)]
-            if all(map(self._recorded, probed)):
-                print(f"trajrep: {run} is probed in full in {self.results / 'probes'}; not pretrained again",
-                      flush=True)
-                continue
-            last = self.pretrain(dataset, encoder, seed)
-            yield run, last
-            for step in encoder.probe_steps:
-                yield f"{run}-step{step}", self.at_step(last, step)
-        untrained = f"{dataset.name}-{encoder.name}-untrained"
-        if encoder.untrained and not self._recorded(untrained):
-            yield untrained, self.untrained(dataset, encoder)
+    def stages(self) -> list[Stage]:
+        """The preset as a graph of stages, each after what it needs, in the order the inline launcher runs them:
+        each run's cache and probes before the next run pretrains (a sitting that ends mid-preset leaves records,
+        not only checkpoints), the raw-pixel control after a dataset's runs, the report last."""
+        graph: list[Stage] = []
+        for dataset in self.preset.datasets:
+            for encoder in self.preset.encoders:
+                for seed in encoder.seeds or self.preset.seeds:
+                    graph += self._trained_stages(dataset, encoder, seed)
+                if encoder.untrained:
+                    graph += self._untrained_stages(dataset, encoder)
+            for kind in SINGLE_TIME_KINDS:  # the raw-pixel control, through the same protocol
+                if kind in self.preset.probes:
+                    run = f"{dataset.name}-pixels"
+                    graph.append(Stage(f"probe/{run}/{kind}", [],
+                                       partial(_has_record, self.results / "probes" / run, kind),
+                                       partial(self.probe, run, kind, dataset, ["--data=PixelProbeData"],
+                                               extra=self.preset.pixel_probe_args.get(kind, []))))
+        # The report is always made again: it is quick, and it reads every record, figure code included.
+        graph.append(Stage("report", [stage.name for stage in graph], lambda: False, self.report))
+        return graph
+
+    def _trained_stages(self, dataset: Dataset, encoder: Encoder, seed: int) -> list[Stage]:
+        """One pretraining run, then for its final checkpoint (and each of its `probe_steps`) a cache and probes.
+        A run whose every probe is recorded under results/ needs no pretraining, checkpoint or not (a fresh
+        clone: git holds the records, not the checkpoints)."""
+        run = f"{dataset.name}-{encoder.name}-seed{seed}"
+        last = self.runs / run / "checkpoints" / "last.ckpt"
+        probed = {run: partial(Path, last),
+                  **{f"{run}-step{step}": partial(self.at_step, last, step) for step in encoder.probe_steps}}
+        pretrain = Stage(f"pretrain/{run}", [], partial(self._pretrained, run, list(probed)),
+                         partial(self.pretrain, dataset, encoder, seed))
+        return [pretrain, *(stage for name, checkpoint in probed.items()
+                            for stage in self._probe_stages(name, dataset, encoder.name, checkpoint, pretrain.name))]
+
+    def _pretrained(self, run: str, probed: list[str]) -> bool:
+        finished = (self.runs / run / "DONE").exists() and (self.runs / run / "checkpoints" / "last.ckpt").exists()
+        return finished or all(map(self._recorded, probed))
+
+    def _untrained_stages(self, dataset: Dataset, encoder: Encoder) -> list[Stage]:
+        run = f"{dataset.name}-{encoder.name}-untrained"
+        checkpoint = self.runs / run / "untrained.ckpt"
+        build = Stage(f"untrained/{run}", [], lambda: checkpoint.exists() or self._recorded(run),
+                      partial(self.untrained, dataset, encoder))
+        return [build, *self._probe_stages(run, dataset, encoder.name, partial(Path, checkpoint), build.name)]
+
+    def _probe_stages(self, run: str, dataset: Dataset, encoder: str, checkpoint: Callable[[], Path],
+                      after: str) -> list[Stage]:
+        """A checkpoint's cache (all the preset's grids), then every probe kind on each grid, then the
+        replicated-best-t controls, which read the MLP's best t. `checkpoint` gives its path once `after` ran."""
+        cache = Stage(f"cache/{run}", [after], partial(self._recorded, run),
+                      lambda: self.build_cache(dataset, checkpoint()))
+        stages = [cache]
+        for grid in self.preset.grids:
+            folder = self.results / "probes" / run / f"g{grid}"
+            for kind in self.preset.probes:
+                stages.append(Stage(f"probe/{run}/g{grid}/{kind}", [cache.name], partial(_has_record, folder, kind),
+                                    partial(self.probe_grid, run, grid, kind, dataset, encoder, checkpoint)))
+            for kind in self.preset.replicated:
+                stages.append(Stage(f"probe/{run}/g{grid}/replicated/{kind}",
+                                    [cache.name, f"probe/{run}/g{grid}/mlp"],
+                                    partial(_has_record, folder / "replicated", kind),
+                                    partial(self.probe_grid, run, grid, kind, dataset, encoder, checkpoint,
+                                            replicated=True)))
+        return stages
 
     def _recorded(self, run: str) -> bool:
         """Whether results/ holds a valid record of every probe grid of one run (every grid, kind and replicated
@@ -291,7 +346,7 @@ class Reproduction:
         folders = [self.results / "probes" / run / f"g{grid}" for grid in self.preset.grids]
         wanted = [(folder, kind) for folder in folders for kind in self.preset.probes] + \
             [(folder / "replicated", kind) for folder in folders for kind in self.preset.replicated]
-        return all(any(_is_valid_record(path) for path in folder.glob(f"{kind}-*.json")) for folder, kind in wanted)
+        return all(_has_record(folder, kind) for folder, kind in wanted)
 
     def untrained(self, dataset: Dataset, encoder: Encoder) -> Path:
         """A checkpoint of the variant's randomly initialised model (0 steps), its encoder's BatchNorm statistics
@@ -304,10 +359,10 @@ class Reproduction:
         cli = build_cli([*self._pretrain_args(dataset, encoder, seed, path.parent), *self._threads], run=False)
         calibration = calibrate_untrained(cli.model, cli.datamodule, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
+        unfinished = path.with_suffix(".partial")
         torch.save({"state_dict": cli.model.state_dict(), "hyper_parameters": dict(cli.model.hparams),
-                    "global_step": 0, "pretrain_seed": seed, "batchnorm_calibration": calibration}, partial)
-        partial.replace(path)
+                    "global_step": 0, "pretrain_seed": seed, "batchnorm_calibration": calibration}, unfinished)
+        unfinished.replace(path)
         return path
 
     def _probe_done(self, folder: Path, kind: str) -> Path | None:
@@ -340,14 +395,30 @@ class Reproduction:
         self._run_stage("validate" if kind == "knn" else "fit", args)
         return self._probe_done(folder, kind)
 
-    def probe_trajectory(self, run: str, dataset: Dataset, data: list[str], encoder: str) -> None:
-        """Every probe kind of the preset on one run's grid, then the replicated-best-t controls."""
-        results = {kind: self.probe(run, kind, dataset, data, encoder) for kind in self.preset.probes}
-        if not self.preset.replicated:
-            return
-        best_t = next(iter(read_results(results["mlp"])["summary"].values()))["time"]
-        for kind in self.preset.replicated:
-            self.probe(f"{run}/replicated", kind, dataset, [*data, f"--data.replicate_time={best_t}"], encoder)
+    def probe_grid(self, run: str, grid: int, kind: str, dataset: Dataset, encoder: str,
+                   checkpoint: Callable[[], Path], replicated: bool = False) -> Path:
+        """One probe kind on one grid of a run; `replicated`: on the MLP's best single t repeated at every
+        position (the mixers' capacity control; for multi-task data, the best t of the first task)."""
+        data = self._representation_data(checkpoint(), grid)
+        if not replicated:
+            return self.probe(f"{run}/g{grid}", kind, dataset, data, encoder)
+        mlp = self._probe_done(self.results / "probes" / run / f"g{grid}", "mlp")
+        if mlp is None:
+            raise TrajrepError(f"the replicated {kind} control of {run} (g{grid}) reads the mlp probe's best t, and "
+                               "that probe has no valid record; run the mlp probe first")
+        best_t = next(iter(read_results(mlp)["summary"].values()))["time"]
+        return self.probe(f"{run}/g{grid}/replicated", kind, dataset, [*data, f"--data.replicate_time={best_t}"],
+                          encoder)
+
+    def build_cache(self, dataset: Dataset, checkpoint: Path) -> None:
+        """The representation cache of a checkpoint on all the preset's grids, which its probes then only read
+        (so they may run at once). Built by the probe data module from the data options every probe kind reads
+        it with (a cache's key leaves out the head and the training options)."""
+        args = ["--config", str(CONFIGS / "probe" / "linear.yaml"),
+                *self._representation_data(checkpoint, self.preset.grids[0]),
+                f"--data.images={json.dumps(dataset.images_config)}", f"--trainer.default_root_dir={self.runs}",
+                *self._threads]
+        build_cli(args, run=False).datamodule.prepare_data()
 
     def _representation_data(self, checkpoint: Path, grid: int) -> list[str]:
         """Probe data for one grid, read from the cache of all the preset's grids (shared points extracted once)."""
@@ -358,19 +429,30 @@ class Reproduction:
                 *(f"--data.{key}={value if isinstance(value, str) else json.dumps(value)}"  # no quotes around text
                   for key, value in self.preset.cache.items())]
 
-    def run(self) -> Path:
-        for dataset in self.preset.datasets:
-            for encoder in self.preset.encoders:
-                for run, checkpoint in self.checkpoints(dataset, encoder):
-                    for grid in self.preset.grids:
-                        self.probe_trajectory(f"{run}/g{grid}", dataset,
-                                              self._representation_data(checkpoint, grid), encoder.name)
-            for kind in SINGLE_TIME_KINDS:  # the raw-pixel control, through the same protocol
-                if kind in self.preset.probes:
-                    self.probe(f"{dataset.name}-pixels", kind, dataset, ["--data=PixelProbeData"],
-                               extra=self.preset.pixel_probe_args.get(kind, []))
+    def report(self) -> Path:
         return report(self.results / "probes", self.results, self.preset.wandb_project, self.name,
                       wandb_dir=self.runs)
+
+    def stage(self, name: str) -> Stage:
+        """The stage of this name (what a job runs)."""
+        found = [stage for stage in self.stages() if stage.name == name]
+        if not found:
+            raise TrajrepError(f"preset {self.name} has no stage {name!r}; see them with --dry-run")
+        return found[0]
+
+
+def _has_record(folder: Path, kind: str) -> bool:
+    """Whether `folder` holds a valid result file of `kind` (only reads)."""
+    return any(_is_valid_record(path) for path in folder.glob(f"{kind}-*.json"))
+
+
+def run_stage(preset: Preset, name: str, runs: str, results: str, stage: str) -> None:
+    """One stage in a job of its own (what the local and SLURM launchers submit): the preset as the launcher read
+    and checked it (a job queued for days does not pick up later edits of the file), the stage's done check made
+    again, then its work."""
+    found = Reproduction(preset, name, Path(runs), Path(results)).stage(stage)
+    if not found.done():
+        found.work()
 
 
 def main(args: list[str] | None = None) -> None:
@@ -380,17 +462,60 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--results", default="results", help="records, tables and figures (default: results)")
     parser.add_argument("--wandb-project", default=None, help="log every stage to this W&B project (overrides the "
                         "preset's); WANDB_MODE=offline works without an account")
+    parser.add_argument("--launcher", default="inline", choices=LAUNCHERS, help="inline: every stage in this "
+                        "process, one after another (default); local: each stage a job on this machine, --jobs at "
+                        "once; slurm: each stage a SLURM job, started when the jobs it needs succeeded")
+    parser.add_argument("--jobs", type=int, default=1, help="stages at once with --launcher local (default: 1); "
+                        "each gets its share of the CPU threads and, where there are GPUs, the GPUs its kind asks "
+                        "for (resources) to itself")
+    parser.add_argument("--status", action="store_true", help="print every stage's state (done, running, queued, "
+                        "finished, failed with its log's last line, to run) and start nothing; the report, always "
+                        "made again, is never done")
+    parser.add_argument("--dry-run", action="store_true", help="print the stages that would run (or be "
+                        "submitted), what each waits for and asks for, and start nothing")
     options = parser.parse_args(args)
     with errors_as_one_line():
+        check_launch(options.launcher, options.jobs)
         preset = load_preset(options.preset)
         preset.wandb_project = options.wandb_project or preset.wandb_project
-        if preset.wandb_project:
-            ensure_wandb_ready()
-        for folder, what in ((options.runs, "--runs"), (options.results, "--results")):
-            ensure_writable(folder, what)
-        out = Reproduction(preset, Path(options.preset).stem, Path(options.runs), Path(options.results)).run()
-    print(f"table: {out / 'table.md'}")
+        reproduction = Reproduction(preset, Path(options.preset).stem, Path(options.runs), Path(options.results))
+        stages, folder = reproduction.stages(), reproduction.runs / "jobs"
+        resources = resources_for(preset.resources)
+        if options.status:
+            print_status(stages, folder)
+        elif options.dry_run:
+            print_graph(stages, resources, options.launcher)
+        else:
+            if preset.wandb_project:
+                ensure_wandb_ready()
+            for path, what in ((options.runs, "--runs"), (options.results, "--results")):
+                ensure_writable(path, what)
+            _launch(reproduction, stages, options, resources)
 
+
+def _launch(reproduction: Reproduction, stages: list[Stage], options: argparse.Namespace,
+            resources: Callable[[str], Resources]) -> None:
+    """Run the stages that are not done with the chosen launcher."""
+    if options.launcher == "inline":
+        run_inline(stages)
+        print(f"table: {reproduction.results / 'table.md'}")
+        return
+    preset, folder = reproduction.preset, reproduction.runs / "jobs"
+    threads = preset.threads or (max(1, available_cpus() // options.jobs) if options.launcher == "local" else None)
+    job = partial(run_stage, replace(preset, threads=threads), reproduction.name,
+                  str(Path(options.runs).resolve()), str(Path(options.results).resolve()))
+    if options.launcher == "slurm":
+        submit_slurm(stages, job, folder, reproduction.name, resources)
+        return
+    failed = run_local(stages, job, folder, options.jobs, resources)
+    if failed:
+        raise TrajrepError(f"{len(failed)} stage(s) failed or could not start ({', '.join(failed[:3])}"
+                           f"{', ...' if len(failed) > 3 else ''}); see --status for their logs, fix the cause and "
+                           "run the same command again: finished stages are kept")
+    print(f"table: {reproduction.results / 'table.md'}")
 
 if __name__ == "__main__":
-    main()
+    # Through the imported module, not __main__: the jobs' run_stage must be importable by name in each job.
+    from trajrep import reproduce
+
+    reproduce.main()

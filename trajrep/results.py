@@ -43,11 +43,11 @@ def _digest(payload: dict) -> str:
 
 
 def result_path(results_dir: str | Path, context: dict) -> Path:
-    """`<results_dir>/<probe label>-<cache key>-<settings digest>.json`: probes of other settings on the same
-    cache (another lr grid, epochs, split) never share a file."""
-    digest = context.get("settings_digest")
+    """`<results_dir>/<probe label>-<cache key>[-<layer>]-<settings digest>.json`: probes of other settings on the
+    same cache (another lr grid, epochs, split, or another layer of denoiser features) never share a file."""
+    digest, layer = context.get("settings_digest"), context.get("layer")
     return Path(results_dir) / (f"{probe_label(context)}-{context.get('cache_key', 'nocache')}"
-                                f"{'-' + digest if digest else ''}.json")
+                                f"{'-' + layer if layer else ''}{'-' + digest if digest else ''}.json")
 
 
 def refuse_replacing(path: Path, overwrite: bool) -> None:

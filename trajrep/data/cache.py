@@ -1,4 +1,5 @@
-"""On-disk representation cache: one .npy array per (split, t), labels, and a JSON manifest with checksums.
+"""On-disk representation cache: one .npy array per (split, t), labels, and a JSON manifest with checksums. A cache
+of denoiser features has a layer axis: one array per (split, layer, t), each layer as wide as its block.
 
 A cache folder is named by its key, a hash of everything that determines its content, so a changed checkpoint,
 grid, dataset or format can never be read by mistake. It is written to a hidden partial folder and renamed into
@@ -53,8 +54,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def time_file(split: str, index: int) -> str:
-    return f"{split}/t{index:03d}.npy"
+def time_file(split: str, index: int, layer: int | None = None) -> str:
+    return f"{split}/t{index:03d}.npy" if layer is None else f"{split}/l{layer:02d}/t{index:03d}.npy"
 
 
 def label_file(split: str) -> str:
@@ -81,10 +82,12 @@ def cache_lock(cache_dir: Path, key: str) -> Iterator[None]:
 
 
 class CacheWriter:
-    """Preallocates the arrays of one cache in a partial folder; rows can be written by several processes."""
+    """Preallocates the arrays of one cache in a partial folder; rows can be written by several processes.
+    `layers` (names, with one width each in `feature_dim`) gives the cache a layer axis."""
 
     def __init__(self, path: Path, manifest: dict, split_sizes: dict[str, int], label_shapes: dict[str, tuple],
-                 times: list[float], feature_dim: int, dtype: str) -> None:
+                 times: list[float], feature_dim: int | list[int], dtype: str, layers: list[str] | None = None
+                 ) -> None:
         if dtype not in DTYPES:
             raise TrajrepError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.path = Path(path)
@@ -94,6 +97,11 @@ class CacheWriter:
         self.label_shapes = label_shapes
         self.times = times
         self.feature_dim = feature_dim
+        self.layers = layers
+        # (layer index or None, width) of every array of a split and t
+        self._widths = [(None, feature_dim)] if layers is None else list(enumerate(feature_dim))
+        if layers is not None and len(layers) != len(feature_dim):
+            raise ValueError(f"{len(layers)} layers but {len(feature_dim)} widths")
         self.dtype = dtype
         self._arrays: dict[str, np.ndarray] = {}
 
@@ -105,8 +113,10 @@ class CacheWriter:
         try:
             for split, size in self.split_sizes.items():
                 (self.partial / split).mkdir(parents=True)
-                arrays = [(time_file(split, i), self.dtype, (size, self.feature_dim)) for i in range(len(self.times))]
+                arrays = [(time_file(split, i, layer), self.dtype, (size, width))
+                          for layer, width in self._widths for i in range(len(self.times))]
                 for name, dtype, shape in [*arrays, (label_file(split), np.int64, (size, *self.label_shapes[split]))]:
+                    (self.partial / name).parent.mkdir(parents=True, exist_ok=True)
                     open_memmap(self.partial / name, "w+", dtype, shape).flush()
                     reserve(self.partial / name)
         except OSError as error:
@@ -118,21 +128,27 @@ class CacheWriter:
     def num_bytes(self) -> int:
         """The size of the arrays on disk (headers aside)."""
         itemsize = np.dtype(self.dtype).itemsize
-        return sum(size * (len(self.times) * self.feature_dim * itemsize + 8 * int(np.prod(self.label_shapes[split])))
+        width = sum(width for _, width in self._widths)
+        return sum(size * (len(self.times) * width * itemsize + 8 * int(np.prod(self.label_shapes[split])))
                    for split, size in self.split_sizes.items())
 
     def open(self) -> None:
         """Map the preallocated arrays for writing (every process)."""
         for split in self.split_sizes:
-            for i in range(len(self.times)):
-                name = time_file(split, i)
-                self._arrays[name] = np.load(self.partial / name, mmap_mode="r+")
+            for layer, _ in self._widths:
+                for i in range(len(self.times)):
+                    name = time_file(split, i, layer)
+                    self._arrays[name] = np.load(self.partial / name, mmap_mode="r+")
             self._arrays[label_file(split)] = np.load(self.partial / label_file(split), mmap_mode="r+")
 
-    def write(self, split: str, rows: np.ndarray, representations: np.ndarray, labels: np.ndarray) -> None:
-        """Write rows of a split: representations (B, T, d), labels (B, *label_shape)."""
-        for i in range(len(self.times)):
-            self._arrays[time_file(split, i)][rows] = representations[:, i]
+    def write(self, split: str, rows: np.ndarray, representations: np.ndarray | list[np.ndarray],
+              labels: np.ndarray) -> None:
+        """Write rows of a split: representations (B, T, d) (a cache with layers: one such array per layer),
+        labels (B, *label_shape)."""
+        per_layer = representations if self.layers is not None else [representations]
+        for (layer, _), values in zip(self._widths, per_layer, strict=True):
+            for i in range(len(self.times)):
+                self._arrays[time_file(split, i, layer)][rows] = values[:, i]
         self._arrays[label_file(split)][rows] = labels
 
     def finalize(self) -> Path:
@@ -146,6 +162,7 @@ class CacheWriter:
             "format_version": FORMAT_VERSION,
             "times": self.times,
             "feature_dim": self.feature_dim,
+            **({} if self.layers is None else {"layers": self.layers}),
             "dtype": self.dtype,
             "splits": {split: {"num_examples": size, "label_shape": list(self.label_shapes[split])}
                        for split, size in self.split_sizes.items()},
@@ -179,8 +196,18 @@ class RepresentationCache:
         return self.manifest["times"]
 
     @property
-    def feature_dim(self) -> int:
+    def feature_dim(self) -> int | list[int]:
+        """The width of every t (a cache with layers: a list, one width per layer)."""
         return self.manifest["feature_dim"]
+
+    @property
+    def layers(self) -> list[str] | None:
+        return self.manifest.get("layers")
+
+    def layer_index(self, name: str) -> int:
+        if self.layers is None or name not in self.layers:
+            raise TrajrepError(f"cache {self.path} has no layer {name!r}; its layers are {self.layers}")
+        return self.layers.index(name)
 
     def num_examples(self, split: str) -> int:
         return self.manifest["splits"][split]["num_examples"]
@@ -193,11 +220,13 @@ class RepresentationCache:
                                f"{self.path} and extract again, or pass recompute: true")
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
-    def representations(self, split: str, time_indices: list[int]) -> np.ndarray:
-        """Array (N, T, d) of the given cached time indices, in that order."""
+    def representations(self, split: str, time_indices: list[int], layer: str | None = None) -> np.ndarray:
+        """Array (N, T, d) of the given cached time indices, in that order (of one named layer, in a cache with
+        layers)."""
         if split not in self.manifest["splits"]:
             raise TrajrepError(f"split {split!r} is not in cache {self.path}; it has {list(self.manifest['splits'])}")
-        return np.stack([self._load(time_file(split, i)) for i in time_indices], axis=1)
+        index = None if layer is None and self.layers is None else self.layer_index(str(layer))
+        return np.stack([self._load(time_file(split, i, index)) for i in time_indices], axis=1)
 
     def labels(self, split: str) -> np.ndarray:
         return np.array(self._load(label_file(split)))

@@ -150,7 +150,8 @@ class ProbeData(pl.LightningDataModule):
 
 
 class RepresentationDataModule(ProbeData):
-    """Cached representations of a pretrained encoder on an image dataset.
+    """Cached representations of a pretrained encoder on an image dataset; with `source: denoiser`, the pooled
+    outputs of a diffusion model's blocks at x_t instead (trajrep.denoiser), one block (`layer`) served at a time.
 
     The cache is keyed by the extracted weights, the time grid, the dataset and the format, so it is rebuilt
     whenever one of them changes and reused otherwise. `num_classes`, `feature_dim`, `num_times` and `times` are
@@ -159,8 +160,13 @@ class RepresentationDataModule(ProbeData):
     call the data (a preset passes its dataset's name); by default the image datamodule's class name.
 
     Args:
-        checkpoint: the .ckpt written by `trajrep fit`.
+        checkpoint: the .ckpt written by `trajrep fit`; with source denoiser also a diffusers model folder.
         images: the image datamodule the encoder reads (as in pretraining).
+        source: encoder (E(x0, t)) or denoiser (block outputs of the score network at x_t).
+        blocks: denoiser: the blocks to cache (`trajrep extract --list-layers` names them).
+        layer: denoiser: the block the probes read (default: the first of `blocks`).
+        draws: denoiser: noise draws averaged per image and t.
+        noise_seed: denoiser: the seed of the forward-process noise.
         times: explicit t of the cached grid.
         granularities: grids {0, 1/g, ..., 1} added to the times (the paper's g).
         probe_times: serve only these t of the grid; None serves all.
@@ -183,6 +189,11 @@ class RepresentationDataModule(ProbeData):
         self,
         checkpoint: str,
         images: ImageDataModule,
+        source: Literal["encoder", "denoiser"] = "encoder",
+        blocks: list[str] | None = None,
+        layer: str | None = None,
+        draws: int = 1,
+        noise_seed: int = 0,
         times: list[float] | None = None,
         granularities: list[int] | None = None,
         probe_times: list[float] | None = None,
@@ -201,40 +212,69 @@ class RepresentationDataModule(ProbeData):
         dataset_name: str | None = None,
     ) -> None:
         # Local import: the probe side reaches the pretraining side only to build a missing cache.
+        from trajrep.denoiser import block_widths, denoiser_identity
         from trajrep.extract import extraction_identity, load_pretrained_model
 
         check_val_fraction(val_fraction)
         grid = build_time_grid(times, granularities)
         served = grid if probe_times is None else [grid[i] for i in select_times(grid, probe_times)]
-        model = load_pretrained_model(checkpoint, ema)
-        trained_on = (model.hparams.image_channels, model.hparams.image_size, model.hparams.image_size)
-        if trained_on != tuple(images.image_shape):
-            raise TrajrepError(f"{checkpoint} was pretrained on {trained_on[0]}-channel {trained_on[1]} px images "
-                               f"but {type(images).__name__} serves {images.image_shape[0]}-channel "
-                               f"{images.image_shape[1]} px ones; set data.images to the pretraining dataset")
-        super().__init__(served, images.num_classes, images.task_names, model.latent_dim, seeds, batch_size,
+        if source == "encoder":
+            model = load_pretrained_model(checkpoint, ema)
+            model.require_encoder("source: encoder")
+            check_image_shape(checkpoint, (model.hparams.image_channels, model.hparams.image_size,
+                                           model.hparams.image_size), images)
+            width, identity = model.latent_dim, extraction_identity(model, images, grid, ema, dtype, ("train", "test"))
+            described = {"encoder_mode": model.hparams.mode, "pretrain_seed": model.pretrain_seed,
+                         "pretrain_steps": model.pretrain_steps,
+                         "sde": {"sigma_min": model.sde.sigma_min, "sigma_max": model.sde.sigma_max},
+                         **({"batchnorm_calibration": model.batchnorm_calibration}
+                            if model.batchnorm_calibration else {})}
+        else:
+            backbone, blocks, layer = self._denoiser(checkpoint, images, ema, blocks, layer)
+            check_image_shape(checkpoint, backbone.image_shape(), images)
+            width = block_widths(backbone, blocks)[blocks.index(layer)]
+            identity = denoiser_identity(backbone, images, grid, blocks, draws, noise_seed, dtype, ("train", "test"))
+            model = getattr(backbone, "model", None)  # a trajrep checkpoint says its mode, seed and steps
+            described = {"encoder_mode": f"denoiser ({model.hparams.mode if model else 'diffusers'})",
+                         "pretrain_seed": model.pretrain_seed if model else None,
+                         "pretrain_steps": model.pretrain_steps if model else None,
+                         "layer": layer, "backbone": identity["backbone"],
+                         # the continuous head reads sigma(t) of a VE SDE; a DDPM backbone has none
+                         **({"sde": identity["backbone"]["sde"]} if "sde" in identity["backbone"] else {})}
+            model = backbone
+        super().__init__(served, images.num_classes, images.task_names, width, seeds, batch_size,
                          eval_batch_size, standardize, replicate_time)
         # `times` (explicit grid points) is left out: a logger merges these hparams with the ProbeModule's, whose
         # `times` are the served times, and refuses keys with different values.
         self.save_hyperparameters(ignore=["images", "times"])
-        self.images, self.grid, self._model = images, grid, model
-        identity = extraction_identity(model, images, grid, ema, dtype, ("train", "test"))
+        self.images, self.grid, self._model, self.layer = images, grid, model, layer
         self.cache_path = Path(cache_dir) / cache_key(identity)
         self.metadata.update({
             "dataset": dataset_name or type(images).__name__,
-            "encoder_mode": model.hparams.mode,
+            **described,
             "latent_dim": self.feature_dim,
-            "pretrain_seed": model.pretrain_seed,
-            "pretrain_steps": model.pretrain_steps,
             "checkpoint": str(checkpoint),
             "cache_key": self.cache_path.name,
             "weights": "ema" if ema else "raw",
-            "sde": {"sigma_min": model.sde.sigma_min, "sigma_max": model.sde.sigma_max},
-            **({"batchnorm_calibration": model.batchnorm_calibration} if model.batchnorm_calibration else {}),
         })
+
+    @staticmethod
+    def _denoiser(checkpoint: str, images: ImageDataModule, ema: bool, blocks: list[str] | None,
+                  layer: str | None) -> tuple["Backbone", list[str], str]:
+        """The backbone of a denoiser source, its blocks and the served layer (checked)."""
+        from trajrep.denoiser import load_backbone
+
+        if not blocks:
+            raise TrajrepError("source: denoiser needs blocks, the names of the backbone's blocks to cache; "
+                               "`trajrep extract --list-layers` lists them")
+        layer = blocks[0] if layer is None else layer
+        if layer not in blocks:
+            raise TrajrepError(f"layer {layer!r} is not among the cached blocks {blocks}; add it to blocks")
+        return load_backbone(checkpoint, ema, images), list(blocks), layer
 
     def prepare_data(self) -> None:
         """Extract the cache if it is missing (or when recompute is set), on one process."""
+        from trajrep.denoiser import extract_denoiser_features
         from trajrep.extract import extract_representations
 
         if self.cache_path.exists() and not self.hparams.recompute:
@@ -242,16 +282,21 @@ class RepresentationDataModule(ProbeData):
         bars = self.trainer is None or self.trainer.progress_bar_callback is not None  # as the run it serves
         trainer = with_progress(pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                                            enable_progress_bar=bars))
-        extract_representations(trainer, self._model, self.images, self.grid, self.hparams.ema, self.hparams.dtype,
-                                self.hparams.cache_dir, batch_size=self.hparams.extract_batch_size,
-                                recompute=self.hparams.recompute, checkpoint=self.hparams.checkpoint)
+        options = {"dtype": self.hparams.dtype, "cache_dir": self.hparams.cache_dir,
+                   "batch_size": self.hparams.extract_batch_size, "recompute": self.hparams.recompute,
+                   "checkpoint": self.hparams.checkpoint}
+        if self.hparams.source == "encoder":
+            extract_representations(trainer, self._model, self.images, self.grid, self.hparams.ema, **options)
+        else:
+            extract_denoiser_features(trainer, self._model, self.images, self.grid, self.hparams.blocks,
+                                      draws=self.hparams.draws, noise_seed=self.hparams.noise_seed, **options)
 
     def load_stages(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         cache = RepresentationCache(self.cache_path)
         indices = select_times(cache.times, self.times)
-        train = (torch.from_numpy(cache.representations("train", indices)).float(),
+        train = (torch.from_numpy(cache.representations("train", indices, self.layer)).float(),
                  torch.from_numpy(cache.labels("train")))
-        test = (torch.from_numpy(cache.representations("test", indices)).float(),
+        test = (torch.from_numpy(cache.representations("test", indices, self.layer)).float(),
                 torch.from_numpy(cache.labels("test")))
         # Reported beside the accuracies: does the representation change along t at all?
         self.metadata["linear_cka"] = linear_cka(test[0]).tolist()
@@ -295,6 +340,14 @@ class PixelProbeData(ProbeData):
     def load_stages(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return split_stages(self._split("train"), self._split("test"), self.hparams.val_fraction,
                             self.hparams.split_seed)
+
+
+def check_image_shape(checkpoint: str, trained_on: tuple[int, int, int], images: ImageDataModule) -> None:
+    """The images must be those the model was built for."""
+    if tuple(trained_on) != tuple(images.image_shape):
+        raise TrajrepError(f"{checkpoint} was pretrained on {trained_on[0]}-channel {trained_on[1]} px images "
+                           f"but {type(images).__name__} serves {images.image_shape[0]}-channel "
+                           f"{images.image_shape[1]} px ones; set data.images to the pretraining dataset")
 
 
 def check_val_fraction(val_fraction: float) -> None:

@@ -91,6 +91,7 @@ class SelfAttention(nn.Module):
 
 class ScoreUNet(nn.Module):
     """Returns the raw output h(x_t, sigma, z); the score is h / sigma (the caller divides, SPEC §2).
+    With `latent_dim` 0 it is a plain (unconditional) diffusion model: no z, conditioned on sigma alone.
 
     `latent_bottleneck` also injects the conditioning vector at the lowest resolution L, as the reference does: an
     MLP maps it to a 2nf x L x L map concatenated to the lowest feature map, so the middle blocks run 2nf wider.
@@ -107,12 +108,13 @@ class ScoreUNet(nn.Module):
                 f"the score U-Net halves the image {len(ch_mult) - 1} times (ch_mult={list(ch_mult)}), so the image "
                 f"size must be a multiple of {factor}; got {image_size}. Resize or pad the images, or use a shorter "
                 "ch_mult")
-        cond_dim = 2 * temb_dim
+        cond_dim = 2 * temb_dim if latent_dim else temb_dim
         self.time_embedding = TimeEmbedding(temb_dim)
         for layer in self.time_embedding.mlp:
             if isinstance(layer, nn.Linear):
                 _init(layer)
-        self.latent_proj = nn.Linear(latent_dim, temb_dim)  # PyTorch's default init, as the reference
+        # PyTorch's default init, as the reference
+        self.latent_proj = nn.Linear(latent_dim, temb_dim) if latent_dim else None
         self.stem = conv(image_channels, nf)
 
         # Down: attention after every ResBlock at an attention resolution; each entry's output is a skip.
@@ -154,8 +156,10 @@ class ScoreUNet(nn.Module):
                 resolution *= 2
         self.head = nn.Sequential(group_norm(channels), nn.SiLU(), conv(channels, image_channels, scale=0.0))
 
-    def forward(self, x_t: torch.Tensor, log_sigma: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        cond = torch.cat([self.time_embedding(log_sigma), self.latent_proj(z)], dim=-1)
+    def forward(self, x_t: torch.Tensor, log_sigma: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        cond = self.time_embedding(log_sigma)
+        if self.latent_proj is not None:
+            cond = torch.cat([cond, self.latent_proj(z)], dim=-1)
         h = self.stem(x_t)
         skips = [h]
         for layer in self.down:
