@@ -62,10 +62,8 @@ def probe(checkpoint: pathlib.Path, tmp_path: pathlib.Path, *extra: str) -> list
     (["fit", "--config", "configs/no-such-config.yaml"], "no-such-config.yaml"),
     (fit("--trainer.precision=bf16-mixed", "--model.init_args.adam_impl=fused"),
      "adam_impl 'fused' cannot be combined with gradient clipping"),
-    (fit("--model.init_args.mode=score-only", "--trainer.callbacks+=OnlineProbe"),
-     "OnlineProbe reads E(x0, t), and this model is score-only (it has no encoder): leave the OnlineProbe"),
 ], ids=["unknown-class", "misspelled-option", "wrong-type", "negative-lr", "unknown-mode", "negative-width",
-        "unknown-subcommand", "missing-config", "fused-adam-with-clipping", "online-probe-of-a-score-only-model"])
+        "unknown-subcommand", "missing-config", "fused-adam-with-clipping"])
 def test_bad_configuration_is_one_line(args, expected, capsys):
     assert expected in one_line_error(args, capsys)
 

@@ -7,16 +7,21 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import QUICKSTART, REPO, tiny_fit_args
-from trajrep.cli import main
+from trajrep.cli import build_cli, main
 from trajrep.data.cache import RepresentationCache
 from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.denoiser import DiffusersBackbone, draw_noise, list_layers, load_backbone
 from trajrep.errors import TrajrepError
 from trajrep.extract import load_pretrained_model
-from trajrep.results import read_results
+from trajrep.report import collect, report, table_rows
+from trajrep.reproduce import Preset, Reproduction, check_preset, load_preset
+from trajrep.reproduce import main as reproduce_main
+from trajrep.results import read_results, write_results
+from trajrep.selection import summarise
 
 TINY_DATA = ["--data.init_args.num_train=64", "--data.init_args.num_test=48"]
 TINY_MODEL = ["--model.init_args.nf=8", "--model.init_args.widen_factor=0.125"]
@@ -120,22 +125,170 @@ def test_ddp_denoiser_features_equal_one_process_bit_for_bit(score_only, cache, 
 
 @pytest.mark.parametrize("kind", ["mlp", "knn", "transformer", "continuous"])
 def test_every_kind_of_probe_reads_one_layer_of_denoiser_features(kind, score_only, cache, tmp_path):
-    command = "validate" if kind == "knn" else "fit"
-    small = {"transformer": ['--model.head_kwargs={"d_model": 32, "ffn_dim": 64}'],
-             "continuous": ['--model.head_kwargs={"d_model": 32, "ffn_dim": 64}']}.get(kind, [])
-    training = [] if kind == "knn" else ["--data.seeds=[0,1]", "--model.learning_rates=[0.001,0.0001]",
-                                         "--trainer.max_epochs=2"]
-    main([command, "--config", str(REPO / "configs" / "probe" / f"{kind}.yaml"),
-          f"--data.checkpoint={score_only}", f"--data.cache_dir={cache.parent}", "--data.source=denoiser",
-          f"--data.blocks={json.dumps(BLOCKS)}", "--data.layer=up.2", "--data.draws=2",
-          "--data.images.init_args.num_train=64", "--data.images.init_args.num_test=48", "--data.granularities=[2]",
-          f"--model.results_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-          f"--trainer.default_root_dir={tmp_path}", *training, *small])
+    main(probe_args(kind, score_only, cache, tmp_path, "--data.layer=up.2"))
     (path,) = tmp_path.glob(f"{kind}-*.json")
     assert f"-{cache.name}-up.2-" in path.name  # the cache it read, and the layer
     context = read_results(path)["context"]
     assert context["layer"] == "up.2" and context["latent_dim"] == RepresentationCache(cache).feature_dim[2]
     assert context["encoder_mode"] == "denoiser (score-only)"
+
+
+def probe_args(kind: str, checkpoint: pathlib.Path, cache: pathlib.Path, results: pathlib.Path,
+               *data: str) -> list[str]:
+    """A two-epoch grid of one probe kind on the test cache's blocks (`data`: which of them, and how)."""
+    small = ['--model.head_kwargs={"d_model": 32, "ffn_dim": 64}'] if kind in ("transformer", "continuous") else []
+    training = [] if kind == "knn" else ["--data.seeds=[0,1]", "--model.learning_rates=[0.001,0.0001]",
+                                         "--trainer.max_epochs=2"]
+    return ["validate" if kind == "knn" else "fit", "--config", str(REPO / "configs" / "probe" / f"{kind}.yaml"),
+            f"--data.checkpoint={checkpoint}", f"--data.cache_dir={cache.parent}", "--data.source=denoiser",
+            f"--data.blocks={json.dumps(BLOCKS)}", "--data.draws=2", "--data.images.init_args.num_train=64",
+            "--data.images.init_args.num_test=48", "--data.granularities=[2]", f"--model.results_dir={results}",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={results}", *training, *small, *data]
+
+
+def test_layer_tokens_are_every_block_at_every_t_zero_padded_and_feed_the_transformer(score_only, cache, tmp_path,
+                                                                                       capsys):
+    args = probe_args("transformer", score_only, cache, tmp_path, "--data.layer_tokens=true",
+                      "--data.standardize=false")
+    data = build_cli(args[1:], run=False).datamodule
+    x, _ = data.tensors("test")
+    stored = RepresentationCache(cache)
+    widths = stored.feature_dim
+    assert x.shape == (48, len(BLOCKS) * 3, max(widths)) and data.times == [0.0, 0.5, 1.0] * len(BLOCKS)
+    for index, block in enumerate(BLOCKS):  # block by block, each t of the grid, then zeros to the widest
+        tokens = x[:, 3 * index:3 * index + 3]
+        torch.testing.assert_close(tokens[..., :widths[index]],
+                                   torch.from_numpy(stored.representations("test", [0, 1, 2], block)).float())
+        assert not tokens[..., widths[index]:].any()
+    main(args)
+    (path,) = tmp_path.glob("transformer-layers-*.json")
+    context = read_results(path)["context"]
+    assert context["layer_tokens"] == BLOCKS and "layer" not in context and context["times"] == data.times
+    with pytest.raises(SystemExit):
+        main(args + ["--data.layer=up.2"])
+    assert "layer_tokens serves every block at every t: leave out layer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a single-t probe would pool the blocks of each t
+        main(probe_args("mlp", score_only, cache, tmp_path, "--data.layer_tokens=true"))
+    assert "the mlp probe selects one t, and layer_tokens serves every t once per block" in capsys.readouterr().err
+
+
+def probe_record(folder: pathlib.Path, kind: str, seed: int, accuracies: dict, **context) -> None:
+    """A result file as a probe writes it, of members whose (val, test) accuracy per t is `accuracies`."""
+    members = [{"task": "shape", "time": time, "lr": lr, "seed": probe_seed, "val_acc": val - lr, "test_acc": test}
+               for time, (val, test) in accuracies.items() for lr in (0.1, 0.01, 0.001) for probe_seed in (0, 1)]
+    if kind not in ("mlp", "linear"):  # a mixer: one accuracy, no t
+        members = [{**member, "time": None} for member in members if member["time"] == 0.5]
+    write_results(folder, members, summarise(members), {
+        "probe": kind, "dataset": "shapes", "encoder_mode": "denoiser (score-only)", "encoder_name": "score",
+        "latent_dim": 16, "pretrain_seed": seed, "pretrain_steps": 4, "times": [0.0, 0.5, 1.0], "blocks": BLOCKS,
+        "cache_key": f"{seed}{context.get('layer', 'tokens')}", "settings_digest": kind, **context})
+
+
+def test_the_report_picks_the_block_and_t_on_validation_and_maps_linear_accuracy_over_both(tmp_path):
+    # down.1 validates best at t = 0.5; up.2 tests best, which must not count
+    accuracies = {"stem": {0.0: (0.50, 0.50), 0.5: (0.55, 0.55), 1.0: (0.3, 0.3)},
+                  "down.1": {0.0: (0.60, 0.60), 0.5: (0.80, 0.70), 1.0: (0.4, 0.4)},
+                  "up.2": {0.0: (0.70, 0.95), 0.5: (0.75, 0.90), 1.0: (0.5, 0.5)}}
+    probes = tmp_path / "probes"
+    for seed in (0, 1):
+        for block, by_time in accuracies.items():
+            for kind in ("mlp", "linear"):
+                probe_record(probes / f"seed{seed}" / block, kind, seed, by_time, layer=block)
+        chosen = {"layer": "down.1", "layer_selection": "the best validation accuracy of the mlp probe"}
+        probe_record(probes / f"seed{seed}" / "chosen", "transformer", seed, {0.5: (0.9, 0.85)}, **chosen)
+        probe_record(probes / f"seed{seed}" / "layers", "transformer", seed, {0.5: (0.9, 0.88)}, layer_tokens=BLOCKS)
+    report(probes, tmp_path)
+    collected = collect(probes)
+    rows = {(row["encoder"], row["latent_dim"]): row for row in table_rows(collected)}
+    assert set(rows) == {("score", "-"), *((f"score @ {block}", 16) for block in BLOCKS)}
+    encoder = rows[("score", "-")]
+    assert encoder["chosen"] == "down.1, t = 0.5 (2/2 seeds)"
+    assert encoder["mlp"][0] == encoder["linear"][0] == pytest.approx(0.70)  # down.1's test accuracy at t = 0.5
+    assert encoder["transformer"][0] == pytest.approx(0.85) and encoder["transformer-layers"][0] == pytest.approx(0.88)
+    assert encoder["Transformer over (layer, t) - best t"][0] == pytest.approx(0.18)
+    assert rows[("score @ up.2", 16)]["mlp"][0] == pytest.approx(0.90) and not rows[("score @ up.2", 16)]["chosen"]
+    encoder_row = ("shapes", "score", "-", 4, 2, "shape")  # its accuracy over t: the chosen block's
+    assert {t: by_seed[0] for t, by_seed in collected.per_time[encoder_row].items()} == {0.0: 0.6, 0.5: 0.7, 1.0: 0.4}
+    assert "MLP's (layer, t)" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "linear_over_layers.png").stat().st_size > 0
+
+
+def denoiser_preset(tmp_path: pathlib.Path, **changes) -> Preset:
+    """The smoke preset with a score-only variant whose probes read two blocks of its denoiser."""
+    preset = yaml.safe_load((REPO / "configs" / "presets" / "smoke.yaml").read_text())
+    preset["encoders"].append({"name": "score", "args": ["--model.init_args.mode=score-only"],
+                               "cache": {"source": "denoiser", "blocks": ["stem", "up.2"]},
+                               "layer_tokens": ["transformer"]})
+    preset.update(probes=["mlp", "linear", "transformer"], replicated=["transformer"],
+                  probe_kind_args={"transformer": preset["probe_kind_args"]["transformer"]}, **changes)
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(preset))
+    return load_preset(tmp_path / "smoke.yaml", check=False)
+
+
+def test_a_denoiser_variant_probes_every_block_then_mixes_at_the_block_its_mlp_validates_best(tmp_path,
+                                                                                              monkeypatch):
+    reproduction = Reproduction(denoiser_preset(tmp_path), "smoke", tmp_path / "runs", tmp_path / "results")
+    stages = {stage.name: stage for stage in reproduction.stages()}
+    run = "shapes-score-seed0"
+    assert [name.removeprefix(f"probe/{run}/") for name in stages if name.startswith(f"probe/{run}/")] == [
+        "g2/stem/mlp", "g2/stem/linear", "g2/up.2/mlp", "g2/up.2/linear", "g2/chosen-block/transformer",
+        "g2/chosen-block/replicated/transformer", "g2/layers/transformer"]
+    mlps = [f"probe/{run}/g2/stem/mlp", f"probe/{run}/g2/up.2/mlp"]
+    assert stages[f"probe/{run}/g2/chosen-block/transformer"].needs == [f"cache/{run}", *mlps]
+    assert "probe/shapes-reg-drl-seed0/g2/transformer" in stages  # the encoder variant's probes as before
+
+    folder = tmp_path / "results" / "smoke" / "probes" / run / "g2"
+    probe_record(folder / "stem", "mlp", 0, {0.0: (0.6, 0.9), 0.5: (0.5, 0.5), 1.0: (0.4, 0.4)}, layer="stem")
+    probe_record(folder / "up.2", "mlp", 0, {0.0: (0.6, 0.6), 0.5: (0.7, 0.6), 1.0: (0.4, 0.4)}, layer="up.2")
+    asked = {}
+    monkeypatch.setattr(reproduction, "probe",
+                        lambda where, kind, dataset, data, encoder: asked.setdefault(where, data))
+    for name in ("chosen-block/transformer", "chosen-block/replicated/transformer", "layers/transformer"):
+        stages[f"probe/{run}/g2/{name}"].work()
+    chosen, replicated, tokens = (asked[f"{run}/g2/{where}"] for where in ("chosen-block", "chosen-block/replicated",
+                                                                           "layers"))
+    assert "--data.layer=up.2" in chosen and any(arg.startswith("--data.layer_selection=") for arg in chosen)
+    assert "--data.layer=up.2" in replicated and "--data.replicate_time=0.5" in replicated  # up.2's best t
+    assert "--data.layer_tokens=true" in tokens and not any(arg.startswith("--data.layer=") for arg in tokens)
+    assert "--data.source=denoiser" in tokens and '--data.blocks=["stem", "up.2"]' in tokens
+
+
+@pytest.mark.slow
+def test_a_preset_of_a_score_only_model_and_its_random_weights_ends_with_the_block_and_t_it_chose(tmp_path,
+                                                                                                  monkeypatch):
+    denoiser_preset(tmp_path)
+    text = yaml.safe_load((tmp_path / "smoke.yaml").read_text())  # the score-only variant alone, one seed
+    text.update(encoders=[text["encoders"][-1]], seeds=[0], replicated=[])
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(text))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    reproduce_main([str(tmp_path / "smoke.yaml"), "--runs", str(tmp_path / "runs"), "--results",
+                    str(tmp_path / "results")])
+    rows = {row["encoder"]: row for row in table_rows(collect(tmp_path / "results" / "smoke" / "probes"))
+            if row["task"] == "shape"}
+    assert set(rows) == {"pixels", *(f"{untrained}score{block}" for untrained in ("", "untrained ")
+                                     for block in ("", " @ stem", " @ up.2"))}
+    for name in ("score", "untrained score"):
+        assert rows[name]["chosen"].split(",")[0] in ("stem", "up.2")
+        assert all(rows[name][kind] for kind in ("mlp", "linear", "transformer", "transformer-layers"))
+    assert (tmp_path / "results" / "smoke" / "linear_over_layers.png").stat().st_size > 0
+    untrained = next((tmp_path / "results" / "smoke" / "probes" / "shapes-score-untrained").rglob("mlp-*.json"))
+    assert read_results(untrained)["context"]["pretrain_steps"] == 0
+
+
+def test_a_preset_refuses_layer_tokens_without_blocks_and_blocks_without_the_mlp(tmp_path):
+    def checked(**changes) -> None:
+        preset = yaml.safe_load((REPO / "configs" / "presets" / "smoke.yaml").read_text())
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**preset, **changes}))
+        check_preset(load_preset(tmp_path / "bad.yaml", check=False), "the preset")
+
+    with pytest.raises(TrajrepError, match="layer_tokens are for denoiser features; add source: denoiser"):
+        checked(encoders=[{"name": "drl", "layer_tokens": ["transformer"]}])
+    with pytest.raises(TrajrepError, match="layer_tokens concat: only the transformer reads"):
+        checked(encoders=[{"name": "score", "cache": {"source": "denoiser", "blocks": ["stem"]},
+                           "layer_tokens": ["concat"]}])
+    with pytest.raises(TrajrepError, match="reads denoiser blocks, and its mixers .* add mlp to probes"):
+        checked(probes=["linear", "transformer"], replicated=[], probe_kind_args={}, pixel_probe_args={},
+                encoders=[{"name": "score", "cache": {"source": "denoiser", "blocks": ["stem"]}}])
 
 
 def tiny_diffusers(folder: pathlib.Path, pipeline_layout: bool) -> torch.nn.Module:

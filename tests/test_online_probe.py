@@ -101,9 +101,9 @@ def test_bad_settings_are_clear_errors(kwargs):
         OnlineProbe(**kwargs)
 
 
-def fit(root: Path, max_steps: int, callbacks: list[pl.Callback]) -> PretrainModule:
+def fit(root: Path, max_steps: int, callbacks: list[pl.Callback], **model) -> PretrainModule:
     pl.seed_everything(0, verbose=False)
-    module = PretrainModule(**TINY)
+    module = PretrainModule(**TINY, **model)
     pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=CSVLogger(root), enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                callbacks=callbacks).fit(module, SyntheticShapes(num_train=64, batch_size=8))
@@ -135,6 +135,14 @@ def test_logs_one_accuracy_per_task_and_t_every_n_steps_and_at_the_last_step(tmp
         assert 0 < float(row["online/between_image_fraction"]) <= 1
         assert all(row[f"online/between_image_fraction_t{t:g}"] for t in times)
     assert probe_lines(caplog) == [2, 4, 5]
+
+
+def test_a_score_only_run_keeps_the_probe_idle_and_says_why(tmp_path, caplog):
+    # A preset's one pretraining config serves every mode, so a score-only model must not stop at the callback.
+    with pytest.warns(UserWarning, match="score-only .* the callback stays idle"):
+        fit(tmp_path, 3, [OnlineProbe(every_n_steps=1, **SMALL_SUBSET)], mode="score-only")
+    assert not any("online/" in path.read_text() for path in tmp_path.rglob("metrics.csv"))
+    assert not probe_lines(caplog)
 
 
 class CheckedProbe(OnlineProbe):

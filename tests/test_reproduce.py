@@ -17,14 +17,19 @@ from scipy import stats
 
 from conftest import REPO, kill_when
 from trajrep.analysis import js_divergence_bits, task_divergence
+from trajrep.analysis import main as analysis_main
 from trajrep.errors import TrajrepError
 from trajrep.report import COLUMNS, DIFFERENCES, difference_interval, plt, report, time_axes
 import trajrep.reproduce
 from trajrep.launch import run_inline
 from trajrep.reproduce import Encoder, Reproduction, load_preset
+from trajrep.reproduce import main as reproduce_main
 from trajrep.results import read_results
 
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
+# What an encoder's row has (the Transformer over (layer, t) reads denoiser blocks, which the smoke preset has not).
+ENCODER_COLUMNS = [column for probe, column in COLUMNS.items() if probe != "transformer-layers"]
+ENCODER_DIFFERENCES = [label for column, _, label in DIFFERENCES if column != "transformer-layers"]
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
@@ -74,19 +79,19 @@ def smoke_run(tmp_path_factory) -> pathlib.Path:
 def test_smoke_preset_goes_from_nothing_to_a_table(smoke_run):
     out = smoke_run / "results" / "smoke"
     table = (out / "table.md").read_text()
-    for column in COLUMNS.values():
+    for column in ENCODER_COLUMNS:
         assert column in table
     assert "untrained reg-drl" in table and "pixels" in table and "CKA across t" in table
     assert "| shapes | reg-drl |" in table and "SyntheticShapes" not in table  # the preset's dataset name
     # The untrained control has one seed: its differences say so instead of showing a bare number.
     untrained = next(line for line in table.splitlines() if "| untrained reg-drl |" in line and "| shape |" in line)
-    assert untrained.count("(n = 1, no interval)") == len(DIFFERENCES)
+    assert untrained.count("(n = 1, no interval)") == len(ENCODER_DIFFERENCES)
     assert [p.name for p in (smoke_run / "cache").iterdir()] == ["smoke"]  # the preset's cache_dir, verbatim
     for name in ("table.csv", "table.tex", "accuracy_vs_t.png", "attention_over_t.png"):
         assert (out / name).stat().st_size > 0, name
     # Two pretraining seeds per trained row: the cells carry a spread and the differences an interval.
     row = next(line for line in table.splitlines() if "| reg-drl |" in line and "| shape |" in line)
-    assert row.count("±") == len(COLUMNS) + len(DIFFERENCES)
+    assert row.count("±") == len(ENCODER_COLUMNS) + len(ENCODER_DIFFERENCES)
     # The dataset's probe_args (2 epochs) come after the preset's (1 epoch); the kNN probe has no epochs.
     epochs = {path.name.split("-")[0]: read_results(path)["context"]["epochs"]
               for path in (out / "probes").rglob("*.json")}
@@ -123,31 +128,70 @@ def test_smoke_preset_logs_the_tables_to_an_offline_wandb_run(smoke_run):
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_preset_redoes_nothing(smoke_run):
+def test_rerunning_a_finished_preset_redoes_nothing(smoke_run, monkeypatch, capsys):
     out = smoke_run / "results" / "smoke"
     records = sorted((out / "probes").rglob("*.json"))
     stamps = [p.stat().st_mtime_ns for p in records]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "trajrep.reproduce", str(REPO / "configs" / "presets" / "smoke.yaml"),
-               "--runs", str(smoke_run / "runs"), "--results", str(smoke_run / "results")]
-    done = subprocess.run(command, cwd=smoke_run, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    no_stage_runs(monkeypatch)
+    reproduce_in(smoke_run, smoke_run, monkeypatch)
     assert [p.stat().st_mtime_ns for p in records] == stamps
-    assert "Trainer.fit" not in done.stdout + done.stderr  # no pretraining or probe run started
+    counts = re.search(r"\b(\d+) of (\d+) stages are done; 1 to check and run", capsys.readouterr().out)
+    assert counts and int(counts[1]) == int(counts[2]) - 1  # every stage but the report, which is always redone
+
+
+def no_stage_runs(monkeypatch) -> None:
+    """Fail the test if a pretraining, untrained control, cache or probe stage starts."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a stage ran: {args}")
+
+    monkeypatch.setattr(trajrep.reproduce, "cli_main", refuse)
+    for name in ("build_cache", "untrained"):
+        monkeypatch.setattr(Reproduction, name, refuse)
+
+
+def reproduce_in(folder: pathlib.Path, root: pathlib.Path, monkeypatch,
+                 preset: pathlib.Path = REPO / "configs" / "presets" / "smoke.yaml") -> None:
+    """`python -m trajrep.reproduce <preset>` in this process, from `folder` (where the preset's cache_dir is), with
+    runs/ and results/ under `root`; W&B off."""
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    reproduce_main([str(preset), "--runs", str(root / "runs"), "--results", str(root / "results")])
+
+
+def cut_smoke(folder: pathlib.Path) -> pathlib.Path:
+    """The smoke preset cut to one seed, a single-t probe and a mixer, written to `folder`: its records must be
+    those of the same runs in the inline smoke run."""
+    preset = yaml.safe_load((REPO / "configs" / "presets" / "smoke.yaml").read_text())
+    preset.update(seeds=[1], probes=["mlp", "transformer"], replicated=[],
+                  probe_kind_args={"transformer": preset["probe_kind_args"]["transformer"]})
+    preset["encoders"][0]["untrained"] = False
+    (folder / "smoke.yaml").write_text(yaml.safe_dump(preset))
+    return folder / "smoke.yaml"
+
+
+def assert_records_and_table_as_inline(smoke_run: pathlib.Path, root: pathlib.Path) -> None:
+    """The cut preset's records under `root` are the inline smoke run's (the same configuration, as the names'
+    hashes say, and the same accuracies), and its table is the one the inline records of these runs make."""
+    probes, inline_probes = root / "results" / "smoke" / "probes", root / "inline" / "probes"
+    made = sorted(probes.rglob("*.json"))
+    assert len(made) == 1 + 2 and (root / "results" / "smoke" / "table.md").exists()
+    for path in made:
+        inline = smoke_run / "results" / "smoke" / "probes" / path.relative_to(probes)
+        assert read_results(path)["summary"] == read_results(inline)["summary"], path.name
+        (inline_probes / path.relative_to(probes)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(inline, inline_probes / path.relative_to(probes))
+    report(inline_probes, root / "inline")
+    assert (root / "inline" / "table.md").read_text() == (root / "results" / "smoke" / "table.md").read_text()
 
 
 @pytest.mark.slow
-def test_a_fresh_clone_with_the_committed_records_pretrains_nothing(smoke_run, tmp_path):
+def test_a_fresh_clone_with_the_committed_records_pretrains_nothing(smoke_run, tmp_path, monkeypatch, capsys):
     # What git holds of a finished preset: results/ (records, tables), no runs/ and no cache.
     shutil.copytree(smoke_run / "results", tmp_path / "results")
     records = {path: path.read_bytes() for path in (tmp_path / "results" / "smoke" / "probes").rglob("*.json")}
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "trajrep.reproduce", str(REPO / "configs" / "presets" / "smoke.yaml"),
-               "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Trainer.fit" not in done.stdout + done.stderr
-    counts = re.search(r"\b(\d+) of (\d+) stages are done; 1 to check and run", done.stdout)
+    no_stage_runs(monkeypatch)
+    reproduce_in(tmp_path, tmp_path, monkeypatch)
+    counts = re.search(r"\b(\d+) of (\d+) stages are done; 1 to check and run", capsys.readouterr().out)
     assert counts and int(counts[1]) == int(counts[2]) - 1  # every stage but the report, which is always redone
     assert {path: path.read_bytes() for path in records} == records
     assert not (tmp_path / "cache").exists()  # nothing extracted either
@@ -156,32 +200,25 @@ def test_a_fresh_clone_with_the_committed_records_pretrains_nothing(smoke_run, t
 
 
 @pytest.mark.slow
-def test_killed_preset_keeps_finished_records_and_ends_with_the_same_table(smoke_run, tmp_path):
-    command = [sys.executable, "-m", "trajrep.reproduce", str(REPO / "configs" / "presets" / "smoke.yaml"),
-               "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+def test_killed_preset_keeps_finished_records_and_ends_with_the_same_table(smoke_run, tmp_path, monkeypatch):
+    preset = cut_smoke(tmp_path)
+    command = [sys.executable, "-m", "trajrep.reproduce", str(preset), "--runs", str(tmp_path / "runs"),
+               "--results", str(tmp_path / "results")]
     probes = tmp_path / "results" / "smoke" / "probes"
-    kill_when(command, lambda: len(list(probes.rglob("*.json"))) >= 3, cwd=tmp_path, timeout=900)
+    kill_when(command, lambda: any(probes.rglob("*.json")), cwd=tmp_path, timeout=900)  # after the run's MLP
     finished = {path: path.stat().st_mtime_ns for path in probes.rglob("*.json")}
     assert not (tmp_path / "results" / "smoke" / "table.md").exists()
 
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
+    reproduce_in(tmp_path, tmp_path, monkeypatch, preset)  # the rerun, in this process: it starts sooner
     assert {path: path.stat().st_mtime_ns for path in finished} == finished  # kept, not redone
-    expected = (smoke_run / "results" / "smoke" / "table.md").read_text()
-    assert (tmp_path / "results" / "smoke" / "table.md").read_text() == expected
+    assert_records_and_table_as_inline(smoke_run, tmp_path)
 
 
 @pytest.mark.slow
 def test_local_launcher_runs_two_stages_at_once_goes_on_after_a_killed_job_and_records_what_inline_does(
-        smoke_run, tmp_path):
-    # The smoke preset cut to one seed, a single-t probe and a mixer (each stage is a process of its own): its
-    # records must be those of the same runs in the inline smoke run.
-    preset = yaml.safe_load((REPO / "configs" / "presets" / "smoke.yaml").read_text())
-    preset.update(seeds=[1], probes=["mlp", "transformer"], replicated=[])
-    preset["encoders"][0]["untrained"] = False
-    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(preset))
-    command = [sys.executable, "-m", "trajrep.reproduce", str(tmp_path / "smoke.yaml"), "--runs",
+        smoke_run, tmp_path, monkeypatch, capsys):
+    # The cut smoke preset: each stage is a process of its own
+    command = [sys.executable, "-m", "trajrep.reproduce", str(cut_smoke(tmp_path)), "--runs",
                str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--launcher", "local", "--jobs", "2"]
     env = {**os.environ, "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}  # no stage waits for a GPU
     jobs, target = tmp_path / "runs" / "smoke" / "jobs", "pretrain/shapes-reg-drl-seed1"
@@ -207,26 +244,16 @@ def test_local_launcher_runs_two_stages_at_once_goes_on_after_a_killed_job_and_r
     records = {path: path.stat().st_mtime_ns for path in (tmp_path / "results").rglob("*.json")}
     assert records and all("pixels" in str(path) for path in records)
 
-    state = subprocess.run([*command, "--status"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=300)
-    unfinished = {line.split()[0] for line in state.stdout.splitlines()[:-1] if line.split()[1] != "done"}
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    reproduce_main([*command[3:], "--status"])  # in this process: it only reads
+    unfinished = {line.split()[0] for line in capsys.readouterr().out.splitlines()[:-1] if line.split()[1] != "done"}
     assert target in unfinished and "report" in unfinished and len(unfinished) == 1 + 1 + 2 + 1
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert set(re.findall(r"started (\S+) \(job", again.stdout)) == unfinished  # only what had not finished
     assert {path: path.stat().st_mtime_ns for path in records} == records
-    made = sorted((tmp_path / "results" / "smoke" / "probes").rglob("*.json"))
-    assert len(made) == 1 + 2 and (tmp_path / "results" / "smoke" / "table.md").exists()
-    inline_probes = tmp_path / "inline" / "probes"
-    for path in made:  # the same configuration (the name's hashes) and the same accuracies as inline
-        inline = smoke_run / path.relative_to(tmp_path)
-        assert read_results(path)["summary"] == read_results(inline)["summary"], path.name
-        (inline_probes / path.relative_to(tmp_path / "results" / "smoke" / "probes")).parent.mkdir(
-            parents=True, exist_ok=True)
-        shutil.copy(inline, inline_probes / path.relative_to(tmp_path / "results" / "smoke" / "probes"))
-    # The table of the inline runner's records of these runs is the local launcher's table.
-    report(inline_probes, tmp_path / "inline")
-    assert (tmp_path / "inline" / "table.md").read_text() == (tmp_path / "results" / "smoke" / "table.md").read_text()
+    assert_records_and_table_as_inline(smoke_run, tmp_path)
 
 
 def test_a_variant_can_be_probed_at_intermediate_steps_with_its_own_seeds(tmp_path):
@@ -258,8 +285,8 @@ def test_each_run_is_probed_before_the_next_one_pretrains_and_recorded_runs_are_
     events = []
     monkeypatch.setattr(reproduction, "pretrain", lambda d, e, seed: events.append(("pretrain", seed)))
     monkeypatch.setattr(reproduction, "untrained", lambda d, e: events.append(("untrained",)))
-    monkeypatch.setattr(reproduction, "build_cache", lambda d, checkpoint: None)
-    monkeypatch.setattr(reproduction, "probe_grid", lambda run, grid, kind, *args, **kw: events.append(("probe", run)))
+    monkeypatch.setattr(reproduction, "build_cache", lambda d, e, checkpoint: None)
+    monkeypatch.setattr(reproduction, "probe_grid", lambda run, probing, *args, **kw: events.append(("probe", run)))
     monkeypatch.setattr(reproduction, "probe", lambda run, *args, **kw: None)  # the raw-pixel control
     monkeypatch.setattr(reproduction, "report", lambda: None)
     recorded = f"{dataset.name}-{encoder.name}-seed{seeds[0]}"
@@ -302,13 +329,13 @@ def test_task_divergence_leaves_out_single_task_encoders():
 
 
 @pytest.mark.slow
-def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run):
+def test_analysis_of_the_smoke_preset_writes_every_file(smoke_run, monkeypatch):
     probes = smoke_run / "results" / "smoke" / "probes"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    done = subprocess.run([sys.executable, "-m", "trajrep.analysis", str(probes), "--mine-steps=200",
-                           "--mine-seeds", "0", "--wandb-project", "trajrep-smoke", "--wandb-dir", "wandb-analysis"],
-                          cwd=smoke_run, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.chdir(smoke_run)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    analysis_main([str(probes), "--mine-steps=200", "--mine-seeds", "0", "--wandb-project", "trajrep-smoke",
+                   "--wandb-dir", "wandb-analysis"])
     out = smoke_run / "results" / "smoke" / "analysis"
     (run,) = (smoke_run / "wandb-analysis").rglob("offline-run-*")
     for name in ("attention_per_task_table", "accuracy_over_t_table"):

@@ -63,13 +63,17 @@ def test_killed_pretraining_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def extract_args(checkpoint: Path, cache_dir: Path) -> list[str]:
+    """`trajrep extract` of the tiny checkpoint on 64 + 48 shapes at 51 times: long enough to be killed."""
+    return ["extract", "--config", str(REPO / "configs" / "quickstart.yaml"), "--data.init_args.num_train=64",
+            "--data.init_args.num_test=48", "--model.init_args.nf=8", "--model.init_args.widen_factor=0.125",
+            "--ckpt_path", str(checkpoint), "--granularities=[50]", f"--cache_dir={cache_dir}", "--batch_size=4",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={cache_dir}"]
+
+
 def extract_command(checkpoint: Path, cache_dir: Path) -> list[str]:
-    """A `trajrep extract` of the tiny checkpoint on 64 + 48 shapes at 51 times: long enough to be killed."""
-    return [sys.executable, "-m", "trajrep", "extract", "--config", str(REPO / "configs" / "quickstart.yaml"),
-            "--data.init_args.num_train=64", "--data.init_args.num_test=48", "--model.init_args.nf=8",
-            "--model.init_args.widen_factor=0.125", "--ckpt_path", str(checkpoint), "--granularities=[50]",
-            f"--cache_dir={cache_dir}", "--batch_size=4", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={cache_dir}"]
+    """The same extraction as a process of its own, to be killed or run beside another."""
+    return [sys.executable, "-m", "trajrep", *extract_args(checkpoint, cache_dir)]
 
 
 def caches_in(folder: Path) -> list[Path]:
@@ -83,7 +87,7 @@ def arrays_of(cache: Path) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 def test_killed_extraction_leaves_no_cache_and_the_rerun_equals_a_straight_one(tiny_checkpoint, tmp_path):
     straight = tmp_path / "straight"
-    subprocess.run(extract_command(tiny_checkpoint, straight), check=True, capture_output=True, timeout=300)
+    main(extract_args(tiny_checkpoint, straight))
     (expected,) = caches_in(straight)
 
     killed = tmp_path / "killed"
@@ -92,7 +96,7 @@ def test_killed_extraction_leaves_no_cache_and_the_rerun_equals_a_straight_one(t
               or any(partial.glob("test/*.npy")), cwd=REPO)
     assert not caches_in(killed)  # only the hidden partial folder, which no reader takes for a cache
 
-    subprocess.run(extract_command(tiny_checkpoint, killed), check=True, capture_output=True, timeout=300)
+    main(extract_args(tiny_checkpoint, killed))
     (rebuilt,) = caches_in(killed)
     assert rebuilt.name == expected.name
     RepresentationCache(rebuilt)  # checksums hold
@@ -109,7 +113,7 @@ def test_interrupted_extraction_exits_with_an_error_and_leaves_no_cache(tiny_che
 
     code = kill_when(extract_command(tiny_checkpoint, tmp_path), writing, cwd=REPO, sig=signal.SIGINT)
     assert code != 0 and not caches_in(tmp_path)
-    subprocess.run(extract_command(tiny_checkpoint, tmp_path), check=True, capture_output=True, timeout=300)
+    main(extract_args(tiny_checkpoint, tmp_path))
     (cache,) = caches_in(tmp_path)
     RepresentationCache(cache)
 

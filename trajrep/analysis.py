@@ -114,7 +114,8 @@ def nmi_between_times(results_dir: str | Path, seeds: list[int], max_examples: i
             continue
         cache = RepresentationCache(Path(context["config"]["data"]["cache_dir"]) / context["cache_key"])
         indices = select_times(cache.times, context["times"])
-        test = torch.from_numpy(cache.representations("test", indices)[:max_examples]).float().to(device)
+        test = cache.representations("test", indices, context.get("layer"))[:max_examples]  # denoiser: its block
+        test = torch.from_numpy(test).float().to(device)
         encoder = (context.get("dataset"), encoder_label(context), context.get("latent_dim"),
                    context.get("pretrain_steps"), grid_label(context["times"]))
         by_encoder[encoder]["times"] = context["times"]

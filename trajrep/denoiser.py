@@ -237,7 +237,7 @@ def block_widths(backbone: Backbone, blocks: list[str]) -> list[int]:
     unknown = [name for name in blocks if name not in shapes]
     if unknown:
         raise TrajrepError(f"the backbone has no feature-map block(s) {', '.join(unknown)}; its blocks are "
-                           f"{', '.join(shapes)} (`trajrep extract --list-layers` prints their shapes)")
+                           f"{', '.join(shapes)} (`trajrep extract --list_layers true` prints their shapes)")
     return [shapes[name][0] for name in blocks]
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from trajrep.errors import TrajrepError
-from trajrep.probe import MemberAccuracy, ensure_results_can_be_written, result_context
+from trajrep.probe import MemberAccuracy, ensure_results_can_be_written, require_each_t_once, result_context
 from trajrep.results import write_results
 from trajrep.selection import summarise
 
@@ -78,6 +78,7 @@ class KNNProbe(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         ensure_results_can_be_written(self, "knn")
+        require_each_t_once("knn", self.trainer.datamodule)
         x, y = self.trainer.datamodule.tensors("train")
         self._bank = x.to(self.device), y.reshape(len(y), -1).to(self.device)
 

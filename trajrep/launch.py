@@ -210,6 +210,7 @@ def _run_jobs(todo: list[Stage], finished: set[str], run_stage: Callable[[str], 
     """run_local's loop: start what is ready, collect what ended, until nothing is left."""
     failed: list[str] = []
     free_gpus = _gpu_ids()
+    gpu_count = len(free_gpus)
     running: dict[str, tuple[submitit.Job, list[int]]] = {}
     executor = submitit.LocalExecutor(folder=folder)
     stop_on_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -232,7 +233,7 @@ def _run_jobs(todo: list[Stage], finished: set[str], run_stage: Callable[[str], 
                 if len(running) >= jobs:
                     break
                 want = resources(stage.kind)
-                wanted_gpus = min(want.gpus or 0, len(_gpu_ids()))
+                wanted_gpus = min(want.gpus or 0, gpu_count)
                 if wanted_gpus and (waiting_for_gpus or len(free_gpus) < wanted_gpus):
                     waiting_for_gpus = True  # the first stage that waits gets the next free GPUs
                     continue

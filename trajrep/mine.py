@@ -29,11 +29,11 @@ class StackedStatisticsNetworks(nn.Module):
     """`copies` independent statistics networks, all initialised as one seeded StatisticsNetwork, applied to
     inputs (copies, B, in_features) -> (copies, B)."""
 
-    def __init__(self, in_features: int, copies: int, seed: int) -> None:
+    def __init__(self, in_features: int, copies: int, seed: int, hidden: int = 256) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            template = StatisticsNetwork(in_features)
+            template = StatisticsNetwork(in_features, hidden)
         linears = [layer for layer in template if isinstance(layer, nn.Linear)]
         self.weights = nn.ParameterList(
             [nn.Parameter(layer.weight.detach().T.expand(copies, -1, -1).clone()) for layer in linears])
@@ -50,14 +50,16 @@ class StackedStatisticsNetworks(nn.Module):
 
 
 def mine_pairs(xs: Tensor, zs: Tensor, steps: int = 4000, batch_size: int = 256, lr: float = 1e-4,
-               ema_decay: float = 0.99, window: int = 100, seed: int = 0, progress: bool = False) -> Tensor:
-    """Estimate I(x_p; z_p) in nats for P pairs of paired samples xs (P, N, dx) and zs (P, N, dz) -> (P,)."""
+               ema_decay: float = 0.99, window: int = 100, seed: int = 0, hidden: int = 256,
+               progress: bool = False) -> Tensor:
+    """Estimate I(x_p; z_p) in nats for P pairs of paired samples xs (P, N, dx) and zs (P, N, dz) -> (P,);
+    `hidden` is the statistics networks' width (SPEC's 256; narrower ones suit low-dimensional checks)."""
     if xs.ndim != 3 or zs.ndim != 3 or xs.shape[:2] != zs.shape[:2] or xs.shape[1] < 2:
         raise ValueError(f"need P pairs of N >= 2 paired samples, (P, N, dx) and (P, N, dz): got x of shape "
                          f"{tuple(xs.shape)} and z of shape {tuple(zs.shape)}")
     pairs, examples = xs.shape[:2]
     generator = torch.Generator().manual_seed(seed)
-    networks = StackedStatisticsNetworks(xs.shape[2] + zs.shape[2], pairs, seed).to(xs.device)
+    networks = StackedStatisticsNetworks(xs.shape[2] + zs.shape[2], pairs, seed, hidden).to(xs.device)
     optimizer = torch.optim.Adam(networks.parameters(), lr=lr)
     xs, zs = xs.float(), zs.float()
     moving_exp, bounds = None, []

@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -190,7 +190,11 @@ class OnlineProbe(pl.Callback):
             return
         if not isinstance(pl_module, PretrainModule) or not isinstance(trainer.datamodule, ImageDataModule):
             raise TrajrepError("OnlineProbe needs a pretraining run: a PretrainModule and an image datamodule")
-        pl_module.require_encoder("OnlineProbe", "leave the OnlineProbe callback out of a score-only run")
+        if pl_module.encoder is None:  # a config shared by every mode of a preset need not drop the callback
+            rank_zero_warn("OnlineProbe reads E(x0, t), and this model is score-only (it has no encoder): the "
+                           "callback stays idle; probe its denoiser features with `trajrep extract --source "
+                           "denoiser` after training")
+            return
         self._prepare(pl_module, trainer.datamodule)
 
     def _prepare(self, pl_module: PretrainModule, datamodule: ImageDataModule) -> None:
@@ -207,7 +211,8 @@ class OnlineProbe(pl.Callback):
         periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
         # The last step is probed here rather than in on_train_end, where EMA has already put its weights in.
         last = self.at_end and step == trainer.max_steps
-        if trainer.is_global_zero and (periodic or last) and step != self._last_step:
+        idle = pl_module.encoder is None
+        if trainer.is_global_zero and (periodic or last) and step != self._last_step and not idle:
             self.probe(trainer, pl_module)
 
     def measure(self, pl_module: PretrainModule, datamodule: ImageDataModule,

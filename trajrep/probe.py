@@ -108,6 +108,13 @@ class MemberAccuracy(Metric):
         return self.correct / self.total
 
 
+def require_each_t_once(kind: str, datamodule: pl.LightningDataModule) -> None:
+    """A single-t probe selects per t: (layer, t) tokens, which repeat every t once per block, would pool blocks."""
+    if getattr(datamodule, "metadata", {}).get("layer_tokens"):
+        raise TrajrepError(f"the {kind} probe selects one t, and layer_tokens serves every t once per block; probe "
+                           "one block (--data.layer) or read the tokens with the transformer")
+
+
 class ProbeModule(pl.LightningModule):
     """Trains one probe kind's full grid on cached representations; sizes are linked from the datamodule.
 
@@ -419,6 +426,8 @@ class ProbeModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """The continuous head's time code reads sigma(t) of the noise process the cache names (its manifest's
         sigma_min, sigma_max), not a default; data without one (in-memory tensors) keeps the head's own."""
+        if self.single_time:
+            require_each_t_once(self.hparams.kind, self.trainer.datamodule)
         noise = getattr(self.trainer.datamodule, "metadata", {}).get("sde")
         if self.hparams.kind == "continuous" and noise is not None:
             given = {key: value for key, value in (self.hparams.head_kwargs or {}).items() if key.startswith("sigma_")}

@@ -7,6 +7,9 @@ A row is one (dataset, encoder, d_z, pretraining steps, grid granularity g, task
 or "pixels" for the raw-pixel control.
 A cell is the mean ± std over pretraining seeds of the probe's selected test accuracy (for `mlp`, at the best
 single t chosen on validation).
+Denoiser features have a row per block ("encoder @ block", the single-t probes of that block) and a row of the
+encoder without a block: there the single-t probes are at the (block, t) best on validation, as DDAE picks them
+by hand, the mixers at the block the MLP chose, and the Transformer over (layer, t) reads every block at every t.
 "mixer - best t" is the mean difference over pretraining seeds with a 95 % t-interval (none with one seed).
 "CKA across t" is the mean linear CKA between the representations at two different times (trajrep.similarity).
 """
@@ -14,7 +17,7 @@ single t chosen on validation).
 import argparse
 import csv
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +28,7 @@ from scipy import stats
 from trajrep.checks import ensure_wandb_ready
 from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError, errors_as_one_line
-from trajrep.results import probe_label, read_results
+from trajrep.results import SINGLE_TIME_KINDS, probe_label, read_results
 from trajrep.similarity import mean_off_diagonal
 from trajrep.timegrid import grid_label
 
@@ -35,8 +38,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 COLUMNS = {"mlp": "best single t", "linear": "linear, best t", "knn": "kNN, best t", "concat": "concat",
            "mean": "mean", "weighted": "weighted", "gru": "GRU", "transformer": "Transformer",
            "continuous": "continuous", "concat-replicated": "concat, best t replicated",
-           "transformer-replicated": "Transformer, best t replicated"}
-MIXERS = ("gru", "transformer", "continuous")
+           "transformer-replicated": "Transformer, best t replicated",
+           "transformer-layers": "Transformer over (layer, t)"}
+MIXERS = ("gru", "transformer", "continuous", "transformer-layers")
 # Differences with a 95 % interval over paired pretraining seeds: (column, baseline, label).
 DIFFERENCES = [*((m, "mlp", f"{COLUMNS[m]} - best t") for m in MIXERS),
                ("transformer", "transformer-replicated", "Transformer - replicated best t"),
@@ -44,15 +48,22 @@ DIFFERENCES = [*((m, "mlp", f"{COLUMNS[m]} - best t") for m in MIXERS),
 # A probe whose members mostly peak at their last epoch, or whose selected lr (or k) is at the edge of its grid.
 UNCONVERGED_FRACTION = 0.5
 ROW_FIELDS = ("dataset", "encoder", "latent_dim", "steps", "g", "task")
+CHOSEN = "MLP's (layer, t)"  # of a denoiser's encoder row: the block and t chosen on validation
 
 
-def encoder_label(context: dict) -> str:
+def encoder_label(context: dict, per_layer: bool = True) -> str:
+    """The encoder column; a probe of one block of denoiser features (not one at the chosen block) gets the
+    block's own row, "encoder @ block", unless `per_layer` is false."""
     if context.get("encoder_mode") == "pixels":
         return "pixels"
     name = str(context.get("encoder_name") or context.get("encoder_mode"))
-    if context.get("layer"):  # denoiser features: one row per block
+    if per_layer and _of_one_block(context):
         name = f"{name} @ {context['layer']}"
     return f"untrained {name}" if context.get("pretrain_steps") == 0 else name
+
+
+def _of_one_block(context: dict) -> bool:
+    return bool(context.get("layer")) and not context.get("layer_selection")
 
 
 def row_order(row: tuple) -> tuple:
@@ -63,7 +74,8 @@ def row_order(row: tuple) -> tuple:
 class Collected:
     """Selected accuracies per (row, probe), MLP test (and validation) accuracies per (row, t) and the
     Transformer's mean attention (overall and per class) and masking ablation per row, each keyed by pretraining
-    seed."""
+    seed; for denoiser features also each block's single-t records (the candidates of the (block, t) chosen on
+    validation, `choose_layers`) and the linear probe's test accuracy per (block, t)."""
 
     def __init__(self) -> None:
         self.cells: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
@@ -76,22 +88,20 @@ class Collected:
         self.times: dict[tuple, list[float]] = {}
         self.convergence: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
         self.sde: dict[tuple, dict] = {}  # sigma_min, sigma_max of the row's encoder, where its records say
+        self.layer_candidates: dict[tuple, dict[str, dict]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(list)))
+        self.chosen: dict[tuple, dict] = defaultdict(dict)  # the MLP's (block, t) per pretraining seed
+        self.layer_grid: dict[tuple, dict[tuple[str, float], dict]] = defaultdict(lambda: defaultdict(dict))
+        self.blocks: dict[tuple, list[str]] = {}
 
     def add(self, results: dict, path: Path) -> None:
         context, summary = results["context"], results["summary"]
         probe, seed = probe_label(context), context.get("pretrain_seed")
         for task, selected in summary.items():
-            grid = grid_label(context["times"])
-            steps = "-" if context.get("pretrain_steps") is None else context["pretrain_steps"]
-            row = (context.get("dataset"), encoder_label(context), context.get("latent_dim"), steps, grid, task)
-            if seed in self.cells[row][probe]:
-                raise TrajrepError(f"{path} repeats {probe} for pretraining seed {seed} of row {row}; remove the "
-                                   "stale result file")
-            self.cells[row][probe][seed] = selected["test_acc_mean"]
+            row = self._row(context, task)
+            self._add_cell(row, probe, seed, selected, path)
             if "sde" in context:
                 self.sde[row] = context["sde"]
-            self.convergence[row][probe][seed] = (selected.get("last_epoch_fraction"),
-                                                  bool(selected.get("at_grid_edge")))
             if "linear_cka" in context:
                 self.cka[row][seed] = mean_off_diagonal(torch.tensor(context["linear_cka"]))
             if probe == "mlp":
@@ -101,6 +111,50 @@ class Collected:
             if probe == "transformer":
                 chosen = [r for r in results["records"] if r["task"] == task and r["lr"] == selected["lr"]]
                 self._add_attention(row, seed, chosen, context["times"])
+            if _of_one_block(context) and probe in SINGLE_TIME_KINDS:
+                self._add_block_candidate(self._row(context, task, per_layer=False), context, probe, seed, selected)
+
+    @staticmethod
+    def _row(context: dict, task: str, per_layer: bool = True) -> tuple:
+        # (layer, t) tokens repeat the grid once per block: the row names the grid
+        times = sorted(set(context["times"])) if context.get("layer_tokens") else context["times"]
+        steps = "-" if context.get("pretrain_steps") is None else context["pretrain_steps"]
+        # a denoiser's encoder row spans blocks of several widths; each block's row says its own
+        width = context.get("latent_dim") if not context.get("blocks") or (per_layer and _of_one_block(context)) \
+            else "-"
+        return (context.get("dataset"), encoder_label(context, per_layer), width, steps, grid_label(times), task)
+
+    def _add_cell(self, row: tuple, probe: str, seed, selected: dict, path: Path | str) -> None:
+        if seed in self.cells[row][probe]:
+            raise TrajrepError(f"{path} repeats {probe} for pretraining seed {seed} of row {row}; remove the "
+                               "stale result file")
+        self.cells[row][probe][seed] = selected["test_acc_mean"]
+        self.convergence[row][probe][seed] = (selected.get("last_epoch_fraction"), bool(selected.get("at_grid_edge")))
+
+    def _add_block_candidate(self, row: tuple, context: dict, probe: str, seed, selected: dict) -> None:
+        """A block's single-t probe as a candidate of the encoder's row (and, for the linear probe, its accuracy
+        at every t, for the (block, t) heat map)."""
+        self.layer_candidates[row][probe][seed].append((selected, context["layer"]))
+        self.blocks[row] = context.get("blocks") or []
+        if "sde" in context:
+            self.sde[row] = context["sde"]
+        if probe == "linear":
+            for entry in selected["per_time"]:
+                self.layer_grid[row][(context["layer"], entry["time"])][seed] = entry["test_acc_mean"]
+
+    def choose_layers(self) -> None:
+        """Per encoder row, probe and pretraining seed: the block whose probe has the best validation accuracy
+        (at its own best t), i.e. the (block, t) chosen on validation; its test accuracy fills the cell."""
+        for row, by_probe in self.layer_candidates.items():
+            for probe, by_seed in by_probe.items():
+                for seed, candidates in by_seed.items():
+                    selected, layer = max(candidates, key=lambda candidate: candidate[0]["val_acc_mean"])
+                    self._add_cell(row, probe, seed, selected, f"the {probe} records of the blocks of {row[1]}")
+                    if probe == "mlp":  # the row's accuracy over t: the chosen block's
+                        self.chosen[row][seed] = (layer, selected["time"])
+                        for entry in selected["per_time"]:
+                            self.per_time[row][entry["time"]][seed] = entry["test_acc_mean"]
+                            self.per_time_val[row][entry["time"]][seed] = entry["val_acc_mean"]
 
     def _add_attention(self, row: tuple, seed, chosen: list[dict], times: list[float]) -> None:
         """The selected Transformer members' attention (overall, per class) and masking, mean over probe seeds."""
@@ -139,6 +193,7 @@ def collect(results_dir: str | Path) -> Collected:
     collected = Collected()
     for path in sorted(Path(results_dir).rglob("*.json")):
         collected.add(read_results(path), path)
+    collected.choose_layers()
     return collected
 
 
@@ -172,9 +227,19 @@ def table_rows(collected: Collected) -> list[dict]:
             seeds = sorted(set(cells.get(column, {})) & set(cells.get(baseline, {})), key=str)
             entry[label] = difference_interval([cells[column][s] for s in seeds],
                                                [cells[baseline][s] for s in seeds]) if seeds else None
+        entry["chosen"] = chosen_label(collected.chosen.get(row, {}))
         entry["warnings"] = convergence_warnings(collected.convergence.get(row, {}))
         rows.append(entry)
     return rows
+
+
+def chosen_label(by_seed: dict) -> str:
+    """The MLP's (block, t) chosen on validation, the most frequent over pretraining seeds:
+    "up.1, t = 0.2 (2/3 seeds)"."""
+    if not by_seed:
+        return ""
+    (layer, time), count = Counter(by_seed.values()).most_common(1)[0]
+    return f"{layer}, t = {time:g}" + (f" ({count}/{len(by_seed)} seeds)" if len(by_seed) > 1 else "")
 
 
 def _cell(value: tuple | None) -> str:
@@ -195,8 +260,9 @@ def _text_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells; a column that no row fills is left out."""
     probes = [p for p in COLUMNS if any(row[p] for row in rows)]
     differences = [label for _, _, label in DIFFERENCES if any(row[label] for row in rows)]
-    header = [*ROW_FIELDS, *(COLUMNS[p] for p in probes), *differences, "CKA across t"]
-    body = [[str(row[f]) for f in ROW_FIELDS] + [_cell(row[p]) for p in probes]
+    chosen = [CHOSEN] if any(row["chosen"] for row in rows) else []
+    header = [*ROW_FIELDS, *chosen, *(COLUMNS[p] for p in probes), *differences, "CKA across t"]
+    body = [[str(row[f]) for f in ROW_FIELDS] + [row["chosen"] for _ in chosen] + [_cell(row[p]) for p in probes]
             + [_difference(row[label]) for label in differences]
             + ["" if row["cka"] is None else f"{row['cka']:.3f}"] for row in rows]
     return header, body
@@ -219,10 +285,10 @@ def write_tables(rows: list[dict], out: Path) -> None:
     (out / "table.md").write_text("\n".join([note, "", *lines]) + "\n")
     with open(out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*ROW_FIELDS, *(f"{p}_{s}" for p in COLUMNS for s in ("mean", "std", "seeds")),
+        writer.writerow([*ROW_FIELDS, "mlp_layer_t", *(f"{p}_{s}" for p in COLUMNS for s in ("mean", "std", "seeds")),
                          *(f"{c}_minus_{b}_{s}" for c, b, _ in DIFFERENCES for s in ("mean", "ci95")), "cka_mean"])
         for row in rows:
-            writer.writerow([row[f] for f in ROW_FIELDS]
+            writer.writerow([row[f] for f in ROW_FIELDS] + [row["chosen"]]
                             + ["" if v is None else v for p in COLUMNS for v in (row[p] or ("", "", ""))]
                             + ["" if v is None else v for _, _, label in DIFFERENCES
                                for v in (row[label] or ("", ""))]
@@ -292,7 +358,7 @@ def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
         ax.plot(times, means, "o-", color="black", label="MLP at t")
         ax.fill_between(times, means - stds, means + stds, color="black", alpha=0.15)
         references = (*MIXERS, "concat", "transformer-replicated")
-        colours = ("tab:blue", "tab:red", "tab:green", "tab:grey", "tab:purple")
+        colours = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:grey", "tab:purple")
         for mixer, colour in zip(references, colours):
             if collected.cells[row].get(mixer):
                 ax.axhline(100 * np.mean(list(collected.cells[row][mixer].values())), color=colour, ls="--",
@@ -302,6 +368,36 @@ def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
         time_axes(ax, collected.sde.get(row))
         ax.set_title(panel_title(row), fontsize=9)
     shared_legend(figure, axes, "MLP at each t (band: ± std over pretraining seeds); dashed: probes over all t")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_linear_over_layers(collected: Collected, path: Path) -> None:
+    """Denoiser features: the linear probe's test accuracy at every (block, t), mean over pretraining seeds, one
+    heat map per encoder row (blocks in the order the backbone computes them)."""
+    keys = sorted(collected.layer_grid, key=row_order)
+    if not keys:
+        return
+    figure, axes = panels(keys)
+    for ax, row in zip(axes, keys):
+        grid = collected.layer_grid[row]
+        layers = [b for b in collected.blocks[row] if any(layer == b for layer, _ in grid)]
+        layers += sorted({layer for layer, _ in grid} - set(layers))
+        times = sorted({time for _, time in grid})
+        accuracy = 100 * np.array([[np.mean(list(grid[(layer, time)].values())) if (layer, time) in grid else np.nan
+                                    for time in times] for layer in layers])
+        image = ax.imshow(accuracy, aspect="auto", cmap="viridis")
+        for (i, j), value in np.ndenumerate(accuracy):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if value < np.nanmean(accuracy) else "black")
+        ax.set_xticks(range(len(times)), labels=[f"{time:g}" for time in times], fontsize=7)
+        ax.set_yticks(range(len(layers)), labels=layers, fontsize=7)
+        ax.set_xlabel(TIME_LABEL)
+        ax.set_ylabel("block")
+        figure.colorbar(image, ax=ax, label="linear test accuracy (%)")
+        ax.set_title(panel_title(row), fontsize=9)
+    figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -351,7 +447,8 @@ def log_to_wandb(rows: list[dict], collected: Collected, out: Path, project: str
         "accuracy_vs_t_table": points,
         "accuracy_vs_t": wandb.plot.line(points, "t", "test_acc", stroke="row", title="MLP test accuracy over t"),
     }
-    figures = [out / f"{name}.png" for name in ("accuracy_vs_t", "attention_over_t") if (out / f"{name}.png").exists()]
+    figures = [out / f"{name}.png" for name in ("accuracy_vs_t", "attention_over_t", "linear_over_layers")
+               if (out / f"{name}.png").exists()]
     log_wandb_run(logged, figures, project, group, "report", run_dir)
 
 
@@ -365,6 +462,7 @@ def report(results_dir: str | Path, out: str | Path | None = None, wandb_project
     write_tables(rows, out)
     plot_accuracy_vs_t(collected, out / "accuracy_vs_t.png")
     plot_attention_over_t(collected, out / "attention_over_t.png")
+    plot_linear_over_layers(collected, out / "linear_over_layers.png")
     if wandb_project:
         log_to_wandb(rows, collected, out, wandb_project, wandb_group or out.name, Path(wandb_dir))
     return out

@@ -42,13 +42,13 @@ from trajrep.launch import (LAUNCHERS, Resources, Stage, check_launch, print_gra
 from trajrep.nn.probes import HEADS
 from trajrep.pretrain import PretrainModule
 from trajrep.report import report
-from trajrep.results import read_results
+from trajrep.results import SINGLE_TIME_KINDS, read_results
 from trajrep.threads import available_cpus
 from trajrep.timegrid import granularity_times
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# The probes of one representation, which the raw-pixel control also gets.
-SINGLE_TIME_KINDS = ("mlp", "linear", "knn")
+# A mixer of denoiser features reads the block whose MLP has the best validation accuracy.
+CHOSEN_BLOCK = "chosen-block"
 # Training images whose statistics calibrate the untrained control's BatchNorm (cumulative average).
 CALIBRATION_IMAGES = 2000
 
@@ -59,7 +59,10 @@ class Encoder:
 
     `seeds` overrides the preset's pretraining seeds; `probe_steps` also probes the checkpoints saved at these
     steps (to follow the representation through training; ModelCheckpoint must save at them); `untrained` adds
-    the randomly initialised control of this variant.
+    the randomly initialised control of this variant. `cache` options go over the preset's: `source: denoiser`
+    with `blocks` probes the score network's blocks at x_t instead of the encoder. Then the single-t probes run on
+    every block (the table picks the (block, t) best on validation), the other kinds on the block whose MLP
+    validates best, and `layer_tokens` kinds again over every (block, t) as tokens.
     """
 
     name: str
@@ -67,6 +70,24 @@ class Encoder:
     seeds: list[int] | None = None
     probe_steps: list[int] = field(default_factory=list)
     untrained: bool = True
+    cache: dict = field(default_factory=dict)
+    layer_tokens: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Probing:
+    """One probe grid of a run: `kind` on grid `grid`, recorded in the run's folder `where` (g10, g10/<block>,
+    g10/chosen-block, ...), reading one block (`block`; CHOSEN_BLOCK: the one whose MLP validates best) or every
+    block as tokens, or the MLP's best t at every position (`replicated`); `needs` are the folders of the MLP
+    records it reads."""
+
+    grid: int
+    where: str
+    kind: str
+    block: str | None = None
+    tokens: bool = False
+    replicated: bool = False
+    needs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -145,6 +166,8 @@ def check_preset(preset: Preset, where: str) -> None:
         if stray:
             raise TrajrepError(f"{where}: {key} has options for {', '.join(map(repr, stray))}, which the preset does "
                                f"not run (its kinds here: {', '.join(allowed)}); fix the key or add the kind")
+    for encoder in preset.encoders:
+        _check_blocks(preset, encoder, f"{where}: encoder {encoder.name}")
     for what, names in (("dataset", [d.name for d in preset.datasets]), ("encoder", [e.name for e in preset.encoders])):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
@@ -161,6 +184,37 @@ def check_preset(preset: Preset, where: str) -> None:
         for encoder in preset.encoders:
             _check_parses(["fit", "--config", str(config), *preset.pretrain_args, *dataset.pretrain_args,
                            *encoder.args], f"{where}: dataset {dataset.name}, encoder {encoder.name}")
+
+
+def _cache_options(preset: Preset, encoder: Encoder) -> dict:
+    return {**preset.cache, **encoder.cache}
+
+
+def _blocks(preset: Preset, encoder: Encoder) -> list[str] | None:
+    """The denoiser blocks an encoder variant's probes read (None: its encoder's representations)."""
+    options = _cache_options(preset, encoder)
+    return list(options.get("blocks") or []) if options.get("source") == "denoiser" else None
+
+
+def _check_blocks(preset: Preset, encoder: Encoder, where: str) -> None:
+    """A variant that reads denoiser blocks names some, has the MLP that chooses its mixers' block, and reads
+    (layer, t) tokens only with the Transformer (the one head that tells tokens apart by position alone)."""
+    blocks = _blocks(preset, encoder)
+    if blocks is None:
+        if encoder.layer_tokens or _cache_options(preset, encoder).get("blocks"):
+            raise TrajrepError(f"{where}: blocks and layer_tokens are for denoiser features; add source: denoiser "
+                               "to its cache options")
+        return
+    if not blocks:
+        raise TrajrepError(f"{where}: source: denoiser needs blocks (`trajrep extract --list_layers true` lists "
+                           "them)")
+    if "mlp" not in preset.probes:
+        raise TrajrepError(f"{where} reads denoiser blocks, and its mixers read the block the mlp probe validates "
+                           "best on; add mlp to probes")
+    stray = [kind for kind in encoder.layer_tokens if kind != "transformer" or kind not in preset.probes]
+    if stray:
+        raise TrajrepError(f"{where}: layer_tokens {', '.join(stray)}: only the transformer reads (layer, t) "
+                           "tokens, and only as a kind the preset probes")
 
 
 def _check_parses(args: list[str], where: str) -> None:
@@ -304,49 +358,64 @@ class Reproduction:
         last = self.runs / run / "checkpoints" / "last.ckpt"
         probed = {run: partial(Path, last),
                   **{f"{run}-step{step}": partial(self.at_step, last, step) for step in encoder.probe_steps}}
-        pretrain = Stage(f"pretrain/{run}", [], partial(self._pretrained, run, list(probed)),
+        pretrain = Stage(f"pretrain/{run}", [], partial(self._pretrained, run, list(probed), encoder),
                          partial(self.pretrain, dataset, encoder, seed))
         return [pretrain, *(stage for name, checkpoint in probed.items()
-                            for stage in self._probe_stages(name, dataset, encoder.name, checkpoint, pretrain.name))]
+                            for stage in self._probe_stages(name, dataset, encoder, checkpoint, pretrain.name))]
 
-    def _pretrained(self, run: str, probed: list[str]) -> bool:
+    def _pretrained(self, run: str, probed: list[str], encoder: Encoder) -> bool:
         finished = (self.runs / run / "DONE").exists() and (self.runs / run / "checkpoints" / "last.ckpt").exists()
-        return finished or all(map(self._recorded, probed))
+        return finished or all(self._recorded(name, encoder) for name in probed)
 
     def _untrained_stages(self, dataset: Dataset, encoder: Encoder) -> list[Stage]:
         run = f"{dataset.name}-{encoder.name}-untrained"
         checkpoint = self.runs / run / "untrained.ckpt"
-        build = Stage(f"untrained/{run}", [], lambda: checkpoint.exists() or self._recorded(run),
+        build = Stage(f"untrained/{run}", [], lambda: checkpoint.exists() or self._recorded(run, encoder),
                       partial(self.untrained, dataset, encoder))
-        return [build, *self._probe_stages(run, dataset, encoder.name, partial(Path, checkpoint), build.name)]
+        return [build, *self._probe_stages(run, dataset, encoder, partial(Path, checkpoint), build.name)]
 
-    def _probe_stages(self, run: str, dataset: Dataset, encoder: str, checkpoint: Callable[[], Path],
+    def _probe_stages(self, run: str, dataset: Dataset, encoder: Encoder, checkpoint: Callable[[], Path],
                       after: str) -> list[Stage]:
-        """A checkpoint's cache (all the preset's grids), then every probe kind on each grid, then the
-        replicated-best-t controls, which read the MLP's best t. `checkpoint` gives its path once `after` ran."""
-        cache = Stage(f"cache/{run}", [after], partial(self._recorded, run),
-                      lambda: self.build_cache(dataset, checkpoint()))
+        """A checkpoint's cache (all the preset's grids), then its probings (`probings`). `checkpoint` gives its
+        path once `after` ran."""
+        cache = Stage(f"cache/{run}", [after], partial(self._recorded, run, encoder),
+                      lambda: self.build_cache(dataset, encoder, checkpoint()))
         stages = [cache]
-        for grid in self.preset.grids:
-            folder = self.results / "probes" / run / f"g{grid}"
-            for kind in self.preset.probes:
-                stages.append(Stage(f"probe/{run}/g{grid}/{kind}", [cache.name], partial(_has_record, folder, kind),
-                                    partial(self.probe_grid, run, grid, kind, dataset, encoder, checkpoint)))
-            for kind in self.preset.replicated:
-                stages.append(Stage(f"probe/{run}/g{grid}/replicated/{kind}",
-                                    [cache.name, f"probe/{run}/g{grid}/mlp"],
-                                    partial(_has_record, folder / "replicated", kind),
-                                    partial(self.probe_grid, run, grid, kind, dataset, encoder, checkpoint,
-                                            replicated=True)))
+        for probing in self.probings(encoder):
+            folder = self.results / "probes" / run / probing.where
+            stages.append(Stage(f"probe/{run}/{probing.where}/{probing.kind}",
+                                [cache.name, *(f"probe/{run}/{need}/mlp" for need in probing.needs)],
+                                partial(_has_record, folder, probing.kind),
+                                partial(self.probe_grid, run, probing, dataset, encoder, checkpoint)))
         return stages
 
-    def _recorded(self, run: str) -> bool:
-        """Whether results/ holds a valid record of every probe grid of one run (every grid, kind and replicated
-        control of the preset). Only reads: an invalid record counts as missing and is left for `probe` to redo."""
-        folders = [self.results / "probes" / run / f"g{grid}" for grid in self.preset.grids]
-        wanted = [(folder, kind) for folder in folders for kind in self.preset.probes] + \
-            [(folder / "replicated", kind) for folder in folders for kind in self.preset.replicated]
-        return all(_has_record(folder, kind) for folder, kind in wanted)
+    def probings(self, encoder: Encoder) -> list[Probing]:
+        """Every probe grid of one checkpoint of `encoder`, per grid: each kind, then the replicated-best-t controls
+        (which read the MLP's best t). Of denoiser blocks: the single-t kinds on every block, the others on the
+        block whose MLP validates best, and the replicated and `layer_tokens` kinds after them."""
+        blocks, found = _blocks(self.preset, encoder), []
+        for grid in self.preset.grids:
+            base = f"g{grid}"
+            if blocks is None:
+                found += [Probing(grid, base, kind) for kind in self.preset.probes]
+                found += [Probing(grid, f"{base}/replicated", kind, replicated=True, needs=(base,))
+                          for kind in self.preset.replicated]
+                continue
+            mlps = tuple(f"{base}/{block}" for block in blocks)
+            found += [Probing(grid, f"{base}/{block}", kind, block)
+                      for block in blocks for kind in self.preset.probes if kind in SINGLE_TIME_KINDS]
+            found += [Probing(grid, f"{base}/{CHOSEN_BLOCK}", kind, CHOSEN_BLOCK, needs=mlps)
+                      for kind in self.preset.probes if kind not in SINGLE_TIME_KINDS]
+            found += [Probing(grid, f"{base}/{CHOSEN_BLOCK}/replicated", kind, CHOSEN_BLOCK, replicated=True,
+                              needs=mlps) for kind in self.preset.replicated]
+            found += [Probing(grid, f"{base}/layers", kind, tokens=True) for kind in encoder.layer_tokens]
+        return found
+
+    def _recorded(self, run: str, encoder: Encoder) -> bool:
+        """Whether results/ holds a valid record of every probing of one run. Only reads: an invalid record counts
+        as missing and is left for `probe` to redo."""
+        return all(_has_record(self.results / "probes" / run / probing.where, probing.kind)
+                   for probing in self.probings(encoder))
 
     def untrained(self, dataset: Dataset, encoder: Encoder) -> Path:
         """A checkpoint of the variant's randomly initialised model (0 steps), its encoder's BatchNorm statistics
@@ -357,7 +426,7 @@ class Reproduction:
             return path
         pl.seed_everything(seed)
         cli = build_cli([*self._pretrain_args(dataset, encoder, seed, path.parent), *self._threads], run=False)
-        calibration = calibrate_untrained(cli.model, cli.datamodule, seed)
+        calibration = None if cli.model.encoder is None else calibrate_untrained(cli.model, cli.datamodule, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         unfinished = path.with_suffix(".partial")
         torch.save({"state_dict": cli.model.state_dict(), "hyper_parameters": dict(cli.model.hparams),
@@ -395,39 +464,59 @@ class Reproduction:
         self._run_stage("validate" if kind == "knn" else "fit", args)
         return self._probe_done(folder, kind)
 
-    def probe_grid(self, run: str, grid: int, kind: str, dataset: Dataset, encoder: str,
-                   checkpoint: Callable[[], Path], replicated: bool = False) -> Path:
-        """One probe kind on one grid of a run; `replicated`: on the MLP's best single t repeated at every
-        position (the mixers' capacity control; for multi-task data, the best t of the first task)."""
-        data = self._representation_data(checkpoint(), grid)
-        if not replicated:
-            return self.probe(f"{run}/g{grid}", kind, dataset, data, encoder)
-        mlp = self._probe_done(self.results / "probes" / run / f"g{grid}", "mlp")
-        if mlp is None:
-            raise TrajrepError(f"the replicated {kind} control of {run} (g{grid}) reads the mlp probe's best t, and "
-                               "that probe has no valid record; run the mlp probe first")
-        best_t = next(iter(read_results(mlp)["summary"].values()))["time"]
-        return self.probe(f"{run}/g{grid}/replicated", kind, dataset, [*data, f"--data.replicate_time={best_t}"],
-                          encoder)
+    def probe_grid(self, run: str, probing: Probing, dataset: Dataset, encoder: Encoder,
+                   checkpoint: Callable[[], Path]) -> Path:
+        """One probing of a run's checkpoint (for replicated controls of multi-task data, the best t of the first
+        task)."""
+        data = self._representation_data(checkpoint(), probing.grid, encoder)
+        block = probing.block
+        if block == CHOSEN_BLOCK:
+            block = self.chosen_block(run, probing)
+            data.append(f"--data.layer_selection=the best validation accuracy of the mlp probe over "
+                        f"{len(probing.needs)} blocks")
+        if block is not None:
+            data.append(f"--data.layer={block}")
+        if probing.tokens:  # the report reads no attention over (layer, t): its masking passes are left out
+            data += ["--data.layer_tokens=true", "--model.export_attention=false"]
+        if probing.replicated:
+            where = f"g{probing.grid}" if block is None else f"g{probing.grid}/{block}"
+            best_t = next(iter(read_results(self._mlp_record(run, where, probing))["summary"].values()))["time"]
+            data.append(f"--data.replicate_time={best_t}")
+        return self.probe(f"{run}/{probing.where}", probing.kind, dataset, data, encoder.name)
 
-    def build_cache(self, dataset: Dataset, checkpoint: Path) -> None:
+    def _mlp_record(self, run: str, where: str, probing: Probing) -> Path:
+        found = self._probe_done(self.results / "probes" / run / where, "mlp")
+        if found is None:
+            raise TrajrepError(f"the {probing.kind} probe of {run} ({probing.where}) reads the mlp probe's record in "
+                               f"{where}, and there is no valid one; run the mlp probe first")
+        return found
+
+    def chosen_block(self, run: str, probing: Probing) -> str:
+        """The block whose MLP has the best validation accuracy (at its best t, mean over tasks)."""
+        def validation(where: str) -> float:
+            summary = read_results(self._mlp_record(run, where, probing))["summary"]
+            return sum(selected["val_acc_mean"] for selected in summary.values()) / len(summary)
+
+        return max(probing.needs, key=validation).rsplit("/", 1)[1]
+
+    def build_cache(self, dataset: Dataset, encoder: Encoder, checkpoint: Path) -> None:
         """The representation cache of a checkpoint on all the preset's grids, which its probes then only read
         (so they may run at once). Built by the probe data module from the data options every probe kind reads
         it with (a cache's key leaves out the head and the training options)."""
         args = ["--config", str(CONFIGS / "probe" / "linear.yaml"),
-                *self._representation_data(checkpoint, self.preset.grids[0]),
+                *self._representation_data(checkpoint, self.preset.grids[0], encoder),
                 f"--data.images={json.dumps(dataset.images_config)}", f"--trainer.default_root_dir={self.runs}",
                 *self._threads]
         build_cli(args, run=False).datamodule.prepare_data()
 
-    def _representation_data(self, checkpoint: Path, grid: int) -> list[str]:
+    def _representation_data(self, checkpoint: Path, grid: int, encoder: Encoder) -> list[str]:
         """Probe data for one grid, read from the cache of all the preset's grids (shared points extracted once)."""
         probe_times = [float(t) for t in granularity_times(grid)]
         return ["--data=RepresentationDataModule", f"--data.checkpoint={checkpoint}",
                 f"--data.granularities={json.dumps(self.preset.grids)}",
                 f"--data.probe_times={json.dumps(probe_times)}",
                 *(f"--data.{key}={value if isinstance(value, str) else json.dumps(value)}"  # no quotes around text
-                  for key, value in self.preset.cache.items())]
+                  for key, value in _cache_options(self.preset, encoder).items())]
 
     def report(self) -> Path:
         return report(self.results / "probes", self.results, self.preset.wandb_project, self.name,

@@ -9,6 +9,8 @@ from trajrep.disk import atomic_write_bytes
 from trajrep.errors import TrajrepError
 
 RESULTS_VERSION = 1
+# The probes of one representation at each t (which the raw-pixel control also gets), each t chosen on validation.
+SINGLE_TIME_KINDS = ("mlp", "linear", "knn")
 
 
 def git_revision() -> str | None:
@@ -34,8 +36,10 @@ _REVISION = _read_revision()
 
 
 def probe_label(context: dict) -> str:
-    """The probe kind, marked "-replicated" for the capacity control (one t repeated at every position)."""
-    return context.get("probe") + ("-replicated" if context.get("replicated_time") is not None else "")
+    """The probe kind, marked "-replicated" for the capacity control (one t repeated at every position) and
+    "-layers" over (layer, t) tokens of denoiser features."""
+    return (context.get("probe") + ("-replicated" if context.get("replicated_time") is not None else "")
+            + ("-layers" if context.get("layer_tokens") else ""))
 
 
 def _digest(payload: dict) -> str:

@@ -7,6 +7,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from trajrep.data.base import ImageDataModule
@@ -151,7 +152,10 @@ class ProbeData(pl.LightningDataModule):
 
 class RepresentationDataModule(ProbeData):
     """Cached representations of a pretrained encoder on an image dataset; with `source: denoiser`, the pooled
-    outputs of a diffusion model's blocks at x_t instead (trajrep.denoiser), one block (`layer`) served at a time.
+    outputs of a diffusion model's blocks at x_t instead (trajrep.denoiser), one block (`layer`) served at a time,
+    or, with `layer_tokens`, every block at every t as one sequence (N, blocks x T, widest block's width): block by
+    block, each zero-padded to the widest (a padded dimension is 0 for every image, so no probe reads anything
+    from it), its times repeated per block. That sequence is what the Transformer over (layer, t) reads.
 
     The cache is keyed by the extracted weights, the time grid, the dataset and the format, so it is rebuilt
     whenever one of them changes and reused otherwise. `num_classes`, `feature_dim`, `num_times` and `times` are
@@ -163,8 +167,11 @@ class RepresentationDataModule(ProbeData):
         checkpoint: the .ckpt written by `trajrep fit`; with source denoiser also a diffusers model folder.
         images: the image datamodule the encoder reads (as in pretraining).
         source: encoder (E(x0, t)) or denoiser (block outputs of the score network at x_t).
-        blocks: denoiser: the blocks to cache (`trajrep extract --list-layers` names them).
+        blocks: denoiser: the blocks to cache (`trajrep extract --list_layers true` names them).
         layer: denoiser: the block the probes read (default: the first of `blocks`).
+        layer_selection: denoiser: how `layer` was chosen (e.g. by the MLP's validation accuracy over blocks), put
+            in the records: tables then show the probe in the encoder's own row, not in the block's row.
+        layer_tokens: denoiser: serve every cached block at every t as tokens (the Transformer over (layer, t)).
         draws: denoiser: noise draws averaged per image and t.
         noise_seed: denoiser: the seed of the forward-process noise.
         times: explicit t of the cached grid.
@@ -192,6 +199,8 @@ class RepresentationDataModule(ProbeData):
         source: Literal["encoder", "denoiser"] = "encoder",
         blocks: list[str] | None = None,
         layer: str | None = None,
+        layer_selection: str | None = None,
+        layer_tokens: bool = False,
         draws: int = 1,
         noise_seed: int = 0,
         times: list[float] | None = None,
@@ -216,6 +225,9 @@ class RepresentationDataModule(ProbeData):
         from trajrep.extract import extraction_identity, load_pretrained_model
 
         check_val_fraction(val_fraction)
+        if source != "denoiser" and (layer_tokens or layer_selection or layer or blocks):
+            raise TrajrepError("blocks, layer, layer_selection and layer_tokens name blocks of a denoiser: set "
+                               "source: denoiser, or leave them out for an encoder's representations")
         grid = build_time_grid(times, granularities)
         served = grid if probe_times is None else [grid[i] for i in select_times(grid, probe_times)]
         if source == "encoder":
@@ -230,24 +242,33 @@ class RepresentationDataModule(ProbeData):
                          **({"batchnorm_calibration": model.batchnorm_calibration}
                             if model.batchnorm_calibration else {})}
         else:
+            if layer_tokens and (layer is not None or layer_selection or replicate_time is not None):
+                raise TrajrepError("layer_tokens serves every block at every t: leave out layer, layer_selection "
+                                   "and replicate_time")
             backbone, blocks, layer = self._denoiser(checkpoint, images, ema, blocks, layer)
             check_image_shape(checkpoint, backbone.image_shape(), images)
-            width = block_widths(backbone, blocks)[blocks.index(layer)]
+            widths = block_widths(backbone, blocks)
+            width = max(widths) if layer_tokens else widths[blocks.index(layer)]
             identity = denoiser_identity(backbone, images, grid, blocks, draws, noise_seed, dtype, ("train", "test"))
             model = getattr(backbone, "model", None)  # a trajrep checkpoint says its mode, seed and steps
+            served_layers = {"layer_tokens": blocks} if layer_tokens else {
+                "layer": layer, **({"layer_selection": layer_selection} if layer_selection else {})}
             described = {"encoder_mode": f"denoiser ({model.hparams.mode if model else 'diffusers'})",
                          "pretrain_seed": model.pretrain_seed if model else None,
                          "pretrain_steps": model.pretrain_steps if model else None,
-                         "layer": layer, "backbone": identity["backbone"],
+                         **served_layers, "blocks": blocks, "backbone": identity["backbone"],
                          # the continuous head reads sigma(t) of a VE SDE; a DDPM backbone has none
                          **({"sde": identity["backbone"]["sde"]} if "sde" in identity["backbone"] else {})}
             model = backbone
-        super().__init__(served, images.num_classes, images.task_names, width, seeds, batch_size,
-                         eval_batch_size, standardize, replicate_time)
+        tokens = served * len(blocks) if layer_tokens else served
+        super().__init__(tokens, images.num_classes, images.task_names, width, seeds, batch_size, eval_batch_size,
+                         standardize, replicate_time)
+        self.served_times = served
         # `times` (explicit grid points) is left out: a logger merges these hparams with the ProbeModule's, whose
         # `times` are the served times, and refuses keys with different values.
         self.save_hyperparameters(ignore=["images", "times"])
-        self.images, self.grid, self._model, self.layer = images, grid, model, layer
+        self.images, self.grid, self._model = images, grid, model
+        self.layer = None if layer_tokens else layer
         self.cache_path = Path(cache_dir) / cache_key(identity)
         self.metadata.update({
             "dataset": dataset_name or type(images).__name__,
@@ -266,7 +287,7 @@ class RepresentationDataModule(ProbeData):
 
         if not blocks:
             raise TrajrepError("source: denoiser needs blocks, the names of the backbone's blocks to cache; "
-                               "`trajrep extract --list-layers` lists them")
+                               "`trajrep extract --list_layers true` lists them")
         layer = blocks[0] if layer is None else layer
         if layer not in blocks:
             raise TrajrepError(f"layer {layer!r} is not among the cached blocks {blocks}; add it to blocks")
@@ -293,13 +314,19 @@ class RepresentationDataModule(ProbeData):
 
     def load_stages(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         cache = RepresentationCache(self.cache_path)
-        indices = select_times(cache.times, self.times)
-        train = (torch.from_numpy(cache.representations("train", indices, self.layer)).float(),
-                 torch.from_numpy(cache.labels("train")))
-        test = (torch.from_numpy(cache.representations("test", indices, self.layer)).float(),
-                torch.from_numpy(cache.labels("test")))
-        # Reported beside the accuracies: does the representation change along t at all?
-        self.metadata["linear_cka"] = linear_cka(test[0]).tolist()
+        indices = select_times(cache.times, self.served_times)
+
+        def representations(split: str) -> torch.Tensor:
+            if not self.hparams.layer_tokens:
+                return torch.from_numpy(cache.representations(split, indices, self.layer)).float()
+            blocks = [torch.from_numpy(cache.representations(split, indices, block)).float()
+                      for block in self.hparams.blocks]
+            return torch.cat([nn.functional.pad(x, (0, self.feature_dim - x.shape[-1])) for x in blocks], dim=1)
+
+        train = (representations("train"), torch.from_numpy(cache.labels("train")))
+        test = (representations("test"), torch.from_numpy(cache.labels("test")))
+        if not self.hparams.layer_tokens:  # reported beside the accuracies: does the representation change along t?
+            self.metadata["linear_cka"] = linear_cka(test[0]).tolist()
         return split_stages(train, test, self.hparams.val_fraction, self.hparams.split_seed)
 
 
