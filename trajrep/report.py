@@ -105,9 +105,7 @@ class Collected:
             if "linear_cka" in context:
                 self.cka[row][seed] = mean_off_diagonal(torch.tensor(context["linear_cka"]))
             if probe == "mlp":
-                for entry in selected["per_time"]:
-                    self.per_time[row][entry["time"]][seed] = entry["test_acc_mean"]
-                    self.per_time_val[row][entry["time"]][seed] = entry["val_acc_mean"]
+                self._add_per_time(row, seed, selected)
             if probe == "transformer":
                 chosen = [r for r in results["records"] if r["task"] == task and r["lr"] == selected["lr"]]
                 self._add_attention(row, seed, chosen, context["times"])
@@ -131,6 +129,12 @@ class Collected:
         self.cells[row][probe][seed] = selected["test_acc_mean"]
         self.convergence[row][probe][seed] = (selected.get("last_epoch_fraction"), bool(selected.get("at_grid_edge")))
 
+    def _add_per_time(self, row: tuple, seed, selected: dict) -> None:
+        """The MLP's test and validation accuracy at every t (selected lr per t)."""
+        for entry in selected["per_time"]:
+            self.per_time[row][entry["time"]][seed] = entry["test_acc_mean"]
+            self.per_time_val[row][entry["time"]][seed] = entry["val_acc_mean"]
+
     def _add_block_candidate(self, row: tuple, context: dict, probe: str, seed, selected: dict) -> None:
         """A block's single-t probe as a candidate of the encoder's row (and, for the linear probe, its accuracy
         at every t, for the (block, t) heat map)."""
@@ -152,9 +156,7 @@ class Collected:
                     self._add_cell(row, probe, seed, selected, f"the {probe} records of the blocks of {row[1]}")
                     if probe == "mlp":  # the row's accuracy over t: the chosen block's
                         self.chosen[row][seed] = (layer, selected["time"])
-                        for entry in selected["per_time"]:
-                            self.per_time[row][entry["time"]][seed] = entry["test_acc_mean"]
-                            self.per_time_val[row][entry["time"]][seed] = entry["val_acc_mean"]
+                        self._add_per_time(row, seed, selected)
 
     def _add_attention(self, row: tuple, seed, chosen: list[dict], times: list[float]) -> None:
         """The selected Transformer members' attention (overall, per class) and masking, mean over probe seeds."""
