@@ -108,9 +108,11 @@ def scratch_cwd(tmp_path, monkeypatch) -> pathlib.Path:
 
 
 # Where a trajrep command writes by default, relative to its working folder (the configs' default_root_dir,
-# results_dir and cache_dir, Lightning's lightning_logs): the suite must leave these untouched in the checkout.
+# results_dir and cache_dir, Lightning's lightning_logs, the smoke preset's folders, which tests build presets
+# from): the suite must leave these untouched in the checkout.
 DEFAULT_OUTPUTS = ("runs/quickstart", "runs/fashion_mnist", "runs/cifar10", "runs/cifar100", "runs/probe",
-                   "results/quickstart", "results/probes", "lightning_logs")
+                   "results/quickstart", "results/probes", "lightning_logs", "runs/smoke", "results/smoke",
+                   "cache/smoke")
 
 
 def default_outputs_in_checkout() -> dict[str, int]:

@@ -21,6 +21,7 @@ from trajrep.report import collect, report, table_rows
 from trajrep.reproduce import Preset, Reproduction, check_preset, load_preset
 from trajrep.reproduce import main as reproduce_main
 from trajrep.results import read_results, write_results
+import trajrep.results
 from trajrep.selection import summarise
 
 TINY_DATA = ["--data.init_args.num_train=64", "--data.init_args.num_test=48"]
@@ -184,6 +185,19 @@ def probe_record(folder: pathlib.Path, kind: str, seed: int, accuracies: dict, *
         "cache_key": f"{seed}{context.get('layer', 'tokens')}", "settings_digest": kind, **context})
 
 
+def test_the_table_names_the_code_revision_of_its_records_and_warns_when_they_mix(tmp_path, monkeypatch):
+    probes = tmp_path / "probes"
+    monkeypatch.setattr(trajrep.results, "_REVISION", "aaa111")
+    probe_record(probes / "stem", "mlp", 0, {0.0: (0.6, 0.6)}, layer="stem")
+    report(probes, tmp_path)
+    assert "Every record comes from code revision aaa111." in (tmp_path / "table.md").read_text()
+    monkeypatch.setattr(trajrep.results, "_REVISION", "bbb222+dirty")
+    probe_record(probes / "up.2", "mlp", 0, {0.0: (0.6, 0.6)}, layer="up.2")
+    report(probes, tmp_path)
+    assert ("Warning: the records come from 2 code revisions: aaa111 (1 result file), bbb222+dirty (1 result "
+            "file).") in (tmp_path / "table.md").read_text()
+
+
 def test_the_report_picks_the_block_and_t_on_validation_and_maps_linear_accuracy_over_both(tmp_path):
     # down.1 validates best at t = 0.5; up.2 tests best, which must not count
     accuracies = {"stem": {0.0: (0.50, 0.50), 0.5: (0.55, 0.55), 1.0: (0.3, 0.3)},
@@ -255,8 +269,9 @@ def test_a_denoiser_variant_probes_every_block_then_mixes_at_the_block_its_mlp_v
 
 @pytest.mark.slow
 def test_a_preset_of_a_score_only_model_and_its_random_weights_ends_with_the_block_and_t_it_chose(tmp_path,
+                                                                                                  scratch_cwd,
                                                                                                   monkeypatch):
-    denoiser_preset(tmp_path)
+    denoiser_preset(tmp_path)  # its cache_dir (cache/smoke) is relative: it lands in the scratch folder
     text = yaml.safe_load((tmp_path / "smoke.yaml").read_text())  # the score-only variant alone, one seed
     text.update(encoders=[text["encoders"][-1]], seeds=[0], replicated=[])
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(text))

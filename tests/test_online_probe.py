@@ -191,3 +191,4 @@ def test_under_ddp_rank_zero_probes_and_no_rank_hangs(tmp_path, monkeypatch):
                                                     "--trainer.strategy=ddp_spawn", "--trainer.logger=CSVLogger",
                                                     f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert [int(row["step"]) for row in online_rows(tmp_path)] == [2, 4]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -122,11 +122,11 @@ def test_deterministic_modes_build_no_posterior_head():
 
 @pytest.mark.parametrize("mode", ["reg-drl", "score-only"])
 def test_training_loss_falls_on_synthetic_data(mode):
-    """150 Adam steps of a tiny model on fixed-colour squares must reduce the DSM loss clearly (score-only: the
+    """60 Adam steps of a tiny model on fixed-colour squares must reduce the DSM loss clearly (score-only: the
     score net alone, a plain diffusion model)."""
     torch.manual_seed(0)
     module = PretrainModule(mode=mode, **TINY)
-    optimizer = torch.optim.Adam(module.parameters(), lr=2e-3)
+    optimizer = torch.optim.Adam(module.parameters(), lr=4e-3)
     images = torch.zeros(64, 3, 16, 16)
     images[:, 0, 4:12, 4:12] = 1.0
     generator = torch.Generator().manual_seed(1)
@@ -140,7 +140,7 @@ def test_training_loss_falls_on_synthetic_data(mode):
 
     with torch.no_grad():
         start = sum(batch_loss().item() for _ in range(8)) / 8
-    for _ in range(150):
+    for _ in range(60):
         optimizer.zero_grad()
         batch_loss().backward()
         optimizer.step()

@@ -140,8 +140,18 @@ class TrajrepTrainer(Trainer):
                                        recompute=recompute, checkpoint=ckpt_path)
 
 
+SUBCOMMANDS = {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
+
+
 class TrajrepCLI(LightningCLI):
     """Links sizes from the datamodule to the model at instantiation, so configs never repeat them."""
+
+    def __init__(self, *classes, args: ArgsType = None, **kwargs) -> None:
+        # Each subcommand's parser walks every signature of trainer, model and data (a third of a second for all of
+        # them, once per stage of a preset): only the one asked for is built; `trajrep --help` builds every one.
+        command = sys.argv[1:] if args is None else args
+        self.asked = command[0] if isinstance(command, list) and command and command[0] in SUBCOMMANDS else None
+        super().__init__(*classes, args=args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
         # LightningCLI makes every module built while the datamodule is instantiated record the top-level `data`
@@ -224,9 +234,9 @@ class TrajrepCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return with_progress(trainer)
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
+    def subcommands(self) -> dict[str, set[str]]:
+        """Lightning's and `extract`; only the one named on the command line when one is."""
+        return {self.asked: SUBCOMMANDS[self.asked]} if self.asked else SUBCOMMANDS
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--threads", type=Optional[int], default=None,

@@ -93,9 +93,11 @@ class Collected:
         self.chosen: dict[tuple, dict] = defaultdict(dict)  # the MLP's (block, t) per pretraining seed
         self.layer_grid: dict[tuple, dict[tuple[str, float], dict]] = defaultdict(lambda: defaultdict(dict))
         self.blocks: dict[tuple, list[str]] = {}
+        self.revisions: Counter = Counter()  # result files per code revision that wrote them
 
     def add(self, results: dict, path: Path) -> None:
         context, summary = results["context"], results["summary"]
+        self.revisions[results["records"][0].get("git_revision") if results["records"] else None] += 1
         probe, seed = probe_label(context), context.get("pretrain_seed")
         for task, selected in summary.items():
             row = self._row(context, task)
@@ -270,8 +272,20 @@ def _text_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def write_tables(rows: list[dict], out: Path) -> None:
-    """table.md, table.csv (numbers unrounded) and table.tex."""
+def revision_note(revisions: Counter) -> str:
+    """Which code wrote the records: one revision, or a warning naming each with its count of result files (a table
+    of several revisions mixes code that may have changed between them)."""
+    named = {revision or "unknown (not a git checkout)": count for revision, count in revisions.most_common()}
+    if not named:
+        return "No result files yet."
+    if len(named) == 1:
+        return f"Every record comes from code revision {next(iter(named))}."
+    files = [f"{revision} ({count} result file{'s' if count > 1 else ''})" for revision, count in named.items()]
+    return f"Warning: the records come from {len(named)} code revisions: {', '.join(files)}."
+
+
+def write_tables(rows: list[dict], out: Path, revisions: Counter) -> None:
+    """table.md (with the code revision of its records), table.csv (numbers unrounded) and table.tex."""
     header, body = _text_table(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -284,7 +298,7 @@ def write_tables(rows: list[dict], out: Path) -> None:
     if warnings:
         lines += ["", "Warning: not converged, so these cells are not yet results (train longer, or widen the lr "
                   "grid):", *warnings]
-    (out / "table.md").write_text("\n".join([note, "", *lines]) + "\n")
+    (out / "table.md").write_text("\n".join([note, "", revision_note(revisions), "", *lines]) + "\n")
     with open(out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*ROW_FIELDS, "mlp_layer_t", *(f"{p}_{s}" for p in COLUMNS for s in ("mean", "std", "seeds")),
@@ -461,7 +475,7 @@ def report(results_dir: str | Path, out: str | Path | None = None, wandb_project
     out.mkdir(parents=True, exist_ok=True)
     collected = collect(results_dir)
     rows = table_rows(collected)
-    write_tables(rows, out)
+    write_tables(rows, out, collected.revisions)
     plot_accuracy_vs_t(collected, out / "accuracy_vs_t.png")
     plot_attention_over_t(collected, out / "attention_over_t.png")
     plot_linear_over_layers(collected, out / "linear_over_layers.png")
