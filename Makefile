@@ -40,8 +40,8 @@ bench-gpu:
 # The whole pipeline for a preset (configs/presets/$(PRESET).yaml), skipping finished stages; see README.
 PRESET ?= smoke
 reproduce-table:
-	$(BIN)/python -m trajrep.reproduce configs/presets/$(PRESET).yaml
+	$(BIN)/trajrep reproduce configs/presets/$(PRESET).yaml
 
 ANALYSIS_ARGS ?=  # e.g. "--mine-steps 0 --wandb-project P" (see README, Analyses)
 analysis:  # after reproduce-table: per-task accuracy and attention over t -> results/$(PRESET)/analysis/
-	$(BIN)/python -m trajrep.analysis results/$(PRESET)/probes $(ANALYSIS_ARGS)
+	$(BIN)/trajrep analyse results/$(PRESET)/probes $(ANALYSIS_ARGS)

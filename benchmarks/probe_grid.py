@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trajrep.data.representations import ProbeData
 from trajrep.nn.probes import sinusoidal_encoding
-from trajrep.probe import MIXERS, PAPER_LEARNING_RATES, ProbeModule
+from trajrep.kinds import kind_of
+from trajrep.probe import PAPER_LEARNING_RATES, ProbeModule
 from trajrep.selection import best_epochs, summarise
 
 from common import best_seconds, matmul_peak  # benchmarks/common.py
@@ -108,7 +109,7 @@ def sequential(kind: str, data: dict, epochs: int, device: torch.device = torch.
                         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                         optimizer.zero_grad()
                         F.cross_entropy(model(xb), yb).backward()
-                        if kind in MIXERS:
+                        if kind_of(kind).mixer:
                             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                         optimizer.step()
                     val_history.append([accuracy(model, view(x_val), y_val)])
@@ -155,7 +156,7 @@ def training_step(kind: str, data: dict, times: list[float], member_chunk: int |
 
 
 def chunk_sweep(kinds: list[str], data: dict, times: list[float]) -> None:
-    """Training-step time of each kind's grid against the members per chunk (for MEMBER_CHUNK)."""
+    """Training-step time of each kind's grid against the members per chunk (for its cpu_chunk in trajrep.kinds)."""
     for kind in kinds:
         members = len(PAPER_LEARNING_RATES) * len(SEEDS) * (len(times) if kind == "mlp" else 1)
         for chunk in sorted({members, 64, 32, 16, 10, 6, 3} - {c for c in (64, 32, 16) if c >= members}):
@@ -205,7 +206,7 @@ def main() -> None:
     parser.add_argument("--times", type=int, default=11)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--train", type=int, default=4500, help="training representations")
-    parser.add_argument("--member-chunk", type=int, default=None, help="default: trajrep.probe.MEMBER_CHUNK")
+    parser.add_argument("--member-chunk", type=int, default=None, help="default: the kind's cpu_chunk (trajrep.kinds)")
     parser.add_argument("--chunks", action="store_true", help="only sweep the members per chunk")
     args = parser.parse_args()
     times = [i / (args.times - 1) for i in range(args.times)]

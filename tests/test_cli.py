@@ -14,7 +14,9 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from conftest import QUICKSTART, fake_cifar, tiny_fit_args
 import trajrep.cli
 from trajrep.cli import main
+from trajrep.errors import TrajrepError
 from trajrep.pretrain import PretrainModule
+from trajrep.probe import ProbeModule
 from trajrep.threads import available_cpus
 
 # Every runnable config; configs/**/data/ holds datamodule fragments that the probe configs include,
@@ -60,10 +62,13 @@ def test_every_option_of_a_configurable_class_has_a_help_text(cls):
     assert options and [dest for dest in options if not parser._option_string_actions[f"--{dest}"].help] == []
 
 
-def test_probe_kind_help_lists_the_heads(capsys):
+def test_probe_kind_help_names_the_heads_and_an_unknown_kind_is_refused_with_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "ProbeModule"])
-    assert "--model.kind {mlp,linear,gru,transformer,concat,mean,weighted,continuous}" in capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--model.kind KIND the head, a kind of trajrep.kinds: mlp or linear" in help_text
+    with pytest.raises(TrajrepError, match="unknown probe head 'lstm'; valid kinds: concat, continuous, gru, linear"):
+        ProbeModule(kind="lstm")
 
 
 @pytest.mark.slow
@@ -146,3 +151,13 @@ def test_negative_widen_factor_is_a_clear_error(capsys):
 def test_python_dash_m_trajrep_runs():
     result = subprocess.run([sys.executable, "-m", "trajrep", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "fit" in result.stdout
+
+
+@pytest.mark.parametrize("tool", ["reproduce", "report", "analyse"])
+def test_the_preset_report_and_analysis_tools_are_subcommands_with_their_own_help(tool, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([tool, "--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith(f"usage: trajrep {tool} ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"trajrep {tool} " in " ".join(capsys.readouterr().out.split())  # named in the top-level help

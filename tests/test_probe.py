@@ -12,7 +12,7 @@ from trajrep.cli import main
 from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.errors import TrajrepError
-from trajrep.nn.probes import HEADS
+from trajrep.kinds import head_kinds
 from trajrep.probe import ProbeModule
 from trajrep.results import read_results
 from trajrep.selection import best_epochs, summarise
@@ -40,7 +40,7 @@ def probe_args(kind: str, checkpoint: pathlib.Path, tmp_path: pathlib.Path, cach
     ]
 
 
-@pytest.mark.parametrize("kind", sorted(HEADS))
+@pytest.mark.parametrize("kind", sorted(head_kinds()))
 def test_every_head_runs_from_its_config_and_writes_records(kind, tiny_checkpoint, tmp_path, shared_cache):
     main(probe_args(kind, tiny_checkpoint, tmp_path, shared_cache))
     (path,) = (tmp_path / "results").glob(f"{kind}-*.json")

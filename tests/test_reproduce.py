@@ -19,7 +19,7 @@ from conftest import REPO, kill_when
 from trajrep.analysis import js_divergence_bits, task_divergence
 from trajrep.analysis import main as analysis_main
 from trajrep.errors import TrajrepError
-from trajrep.report import COLUMNS, DIFFERENCES, difference_interval, plt, report, time_axes
+from trajrep.report import columns, difference_interval, differences, plt, report, time_axes
 import trajrep.reproduce
 from trajrep.launch import run_inline
 from trajrep.reproduce import Encoder, Reproduction, load_preset
@@ -27,15 +27,18 @@ from trajrep.reproduce import main as reproduce_main
 from trajrep.results import read_results
 
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
-# What an encoder's row has (the Transformer over (layer, t) reads denoiser blocks, which the smoke preset has not).
-ENCODER_COLUMNS = [column for probe, column in COLUMNS.items() if probe != "transformer-layers"]
-ENCODER_DIFFERENCES = [label for column, _, label in DIFFERENCES if column != "transformer-layers"]
+# What an encoder's row of the smoke preset has: every kind, and the replicated controls it runs.
+SMOKE_PROBES = [probe for probe in columns() if "-" not in probe or probe in ("transformer-replicated",
+                                                                              "concat-replicated")]
+ENCODER_COLUMNS = [columns()[probe] for probe in SMOKE_PROBES]
+ENCODER_DIFFERENCES = [label for column, baseline, label in differences()
+                       if column in SMOKE_PROBES and baseline in SMOKE_PROBES]
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_every_preset_parses(path):
     preset = load_preset(path)
-    assert preset.encoders and preset.seeds and set(preset.probes) <= set(COLUMNS)
+    assert preset.encoders and preset.seeds and set(preset.probes) <= set(columns())
 
 
 @pytest.mark.parametrize("key", ["\nprobe_args:", "    probe_args:"], ids=["preset", "dataset"])

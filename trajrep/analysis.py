@@ -1,4 +1,4 @@
-"""What each point of the trajectory knows, per task, from probe result files alone (SPEC §9).
+"""What each point of the trajectory knows, per task, from probe result files alone (method §9).
 
     python -m trajrep.analysis results/<preset>/probes [--out results/<preset>/analysis] [--wandb-project P]
 
@@ -318,8 +318,9 @@ def analyse(results_dir: str | Path, out: str | Path, mine_steps: int = 4000, mi
     return out
 
 
-def main(args: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Per-task accuracy and attention over t from probe results.")
+def main(args: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Per-task accuracy and attention over t from probe "
+                                     "results.")
     parser.add_argument("results_dir", help="a folder of probe result files, e.g. results/<preset>/probes")
     parser.add_argument("--out", default=None, help="output folder (default: <results_dir>/../analysis)")
     parser.add_argument("--mine-steps", type=int, default=4000, help="MINE steps per pair of times (0: no NMI)")

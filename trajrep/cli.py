@@ -1,5 +1,6 @@
 """The `trajrep` command: LightningCLI over every trajrep module and datamodule, referred to by short class names."""
 
+import importlib
 import inspect
 import os
 import re
@@ -141,6 +142,10 @@ class TrajrepTrainer(Trainer):
 
 
 SUBCOMMANDS = {**LightningCLI.subcommands(), "extract": {"model", "datamodule"}}
+# Subcommands with parsers of their own: the module whose main(args, prog) runs each.
+TOOLS = {"reproduce": "trajrep.reproduce", "report": "trajrep.report", "analyse": "trajrep.analysis"}
+TOOLS_HELP = ("also: trajrep reproduce PRESET (a preset's whole pipeline), trajrep report RESULTS_DIR (tables and "
+              "figures from probe records), trajrep analyse PROBES_DIR (per-task analyses); each takes --help")
 
 
 class TrajrepCLI(LightningCLI):
@@ -261,21 +266,19 @@ def build_cli(args: ArgsType = None, run: bool = True) -> TrajrepCLI:
     silence_known_noise()
     return TrajrepCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                       trainer_class=TrajrepTrainer, args=args, run=run, save_config_kwargs={"overwrite": True},
-                      parser_class=OneLineErrorParser)
+                      parser_class=OneLineErrorParser, parser_kwargs={"epilog": TOOLS_HELP})
 
 
 def main(args: ArgsType = None) -> None:
     """Entry point of the console script; `args` lets tests run it in process.
 
-    `trajrep reproduce PRESET ...` runs a whole preset (trajrep.reproduce, imported only then: it builds on this
-    CLI). User-fixable problems (TrajrepError) end with one line on stderr and exit code 2; set TRAJREP_DEBUG=1 for
-    the traceback.
+    Lightning's subcommands and `extract` go to the LightningCLI; `reproduce PRESET`, `report RESULTS_DIR` and
+    `analyse PROBES_DIR` to their own modules, imported only then (reproduce builds on this CLI). User-fixable
+    problems (TrajrepError) end with one line on stderr and exit code 2; set TRAJREP_DEBUG=1 for the traceback.
     """
     command = sys.argv[1:] if args is None else args
-    if isinstance(command, list) and command[:1] == ["reproduce"]:
-        from trajrep.reproduce import main as reproduce
-
-        reproduce(command[1:])
+    if isinstance(command, list) and command[:1] and command[0] in TOOLS:
+        importlib.import_module(TOOLS[command[0]]).main(command[1:], prog=f"trajrep {command[0]}")
         return
     with errors_as_one_line():
         build_cli(args)

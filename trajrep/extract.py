@@ -20,12 +20,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from trajrep.data.base import ImageDataModule
+from trajrep.data.base import SPLITS, ImageDataModule
 from trajrep.data.cache import (CacheWriter, RepresentationCache, cache_key, cache_lock, tensor_digest)
 from trajrep.errors import TrajrepError
 from trajrep.pretrain import PretrainModule
-
-SPLITS = ("train", "test")
 
 
 class IndexedDataset(Dataset):

@@ -1,4 +1,4 @@
-"""Mutual information between representations by MINE (Belghazi et al., 2018), as SPEC §9 specifies.
+"""Mutual information between representations by MINE (Belghazi et al., 2018), as method §9 specifies.
 
 The statistics network T(x, z) (concat -> 256 -> ELU -> 256 -> ELU -> 1) is trained to maximise the
 Donsker-Varadhan bound I(X; Z) >= E_joint[T] - log E_marginal[exp T], with the marginal drawn by pairing x with a
@@ -53,7 +53,7 @@ def mine_pairs(xs: Tensor, zs: Tensor, steps: int = 4000, batch_size: int = 256,
                ema_decay: float = 0.99, window: int = 100, seed: int = 0, hidden: int = 256,
                progress: bool = False) -> Tensor:
     """Estimate I(x_p; z_p) in nats for P pairs of paired samples xs (P, N, dx) and zs (P, N, dz) -> (P,);
-    `hidden` is the statistics networks' width (SPEC's 256; narrower ones suit low-dimensional checks)."""
+    `hidden` is the statistics networks' width (method §9's 256; narrower ones suit low-dimensional checks)."""
     if xs.ndim != 3 or zs.ndim != 3 or xs.shape[:2] != zs.shape[:2] or xs.shape[1] < 2:
         raise ValueError(f"need P pairs of N >= 2 paired samples, (P, N, dx) and (P, N, dz): got x of shape "
                          f"{tuple(xs.shape)} and z of shape {tuple(zs.shape)}")

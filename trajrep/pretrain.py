@@ -1,4 +1,4 @@
-"""DRL pretraining: a time-conditioned encoder and a latent-conditioned score network trained jointly (SPEC §1-5);
+"""DRL pretraining: a time-conditioned encoder and a latent-conditioned score network trained jointly (method §1-5);
 or, in `score-only` mode, a plain diffusion model whose denoiser features are probed instead (trajrep.denoiser)."""
 
 import os

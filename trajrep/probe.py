@@ -2,7 +2,7 @@
 
 Members are independent probes with stacked weights (trajrep.nn.grouped): per-member learning rate (GroupedAdam),
 per-member gradient clipping, per-seed initialisation and batch order. Each epoch every member is evaluated on the
-validation and the test split; at the end the protocol of SPEC §7 selects on validation (trajrep.selection) and
+validation and the test split; at the end the protocol of method §7 selects on validation (trajrep.selection) and
 the results are written as JSON records (trajrep.results).
 """
 
@@ -24,24 +24,20 @@ from trajrep.checks import ensure_writable
 from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
-from trajrep.nn.probes import (HEADS, ProbeKind, SingleTimeHead, build_head, clip_grad_norm_per_member_,
-                                random_time_subset)
+from trajrep.kinds import build_head, head_kinds, kind_of
+from trajrep.nn.probes import clip_grad_norm_per_member_, random_time_subset
 from trajrep.progress import Ticker, duration
 from trajrep.results import refuse_replacing, result_path, settings_digest, write_results
 from trajrep.selection import best_epochs, summarise
 
 PAPER_LEARNING_RATES = [1e-3, 7.5e-4, 5e-4, 2.5e-4, 1e-4, 5e-5]
-MIXERS = ("gru", "transformer", "continuous")
-ATTENTION_HEADS = ("transformer", "continuous")
-# Members per chunk, the fastest on a 2-core CPU (fewer, larger kernels vs activations that stay in cache):
-# `python benchmarks/probe_grid.py --chunks` measures them. Kinds not listed train as one chunk.
-MEMBER_CHUNK = {"mlp": 16, "concat": 16, "mean": 16, "weighted": 16, "gru": 6, "transformer": 3, "continuous": 3}
 
 
 def default_member_chunk(kind: str, num_members: int) -> int:
     """Members per chunk when none is set: the whole grid where CUDA is available (one large kernel is best on a
-    GPU), else the kind's CPU size."""
-    return num_members if torch.cuda.is_available() else MEMBER_CHUNK.get(kind, num_members)
+    GPU), else the kind's CPU size (trajrep.kinds)."""
+    cpu_chunk = kind_of(kind).cpu_chunk
+    return num_members if torch.cuda.is_available() or cpu_chunk is None else cpu_chunk
 
 
 # Options that change where results go or how fast they come, never the numbers: left out of the settings digest.
@@ -84,7 +80,7 @@ MODULE_HEAD_ARGS = {"self", "num_members", "feature_dim", "num_times", "num_clas
 
 def check_head_kwargs(kind: str, head_kwargs: dict[str, Any]) -> None:
     """head_kwargs must name options of the chosen head (a typo would otherwise end in a deep TypeError)."""
-    options = sorted(set(inspect.signature(HEADS[kind].__init__).parameters) - MODULE_HEAD_ARGS)
+    options = sorted(set(inspect.signature(kind_of(kind).head.__init__).parameters) - MODULE_HEAD_ARGS)
     unknown = sorted(set(head_kwargs) - set(options))
     if unknown:
         raise TrajrepError(f"head_kwargs {', '.join(map(repr, unknown))} not an option of the {kind} head; its "
@@ -120,17 +116,18 @@ class ProbeModule(pl.LightningModule):
 
     The members are split into chunks of `member_chunk`, one grouped head each; a training step runs each chunk's
     forward and backward back to back, so that its activations are still in the CPU's cache for the backward
-    pass (MEMBER_CHUNK sizes them per kind). Where CUDA is available the default is one chunk: one large kernel
-    is best on a GPU. With `export_attention`, the attention heads' records also carry each member's mean CLS attention
-    over the time tokens on the test split (overall and per class) and its masking ablation (extra test passes
-    at the end), both with the member's weights at its best validation epoch, the epoch its accuracy comes from.
+    pass (each kind's `cpu_chunk` in trajrep.kinds sizes them). Where CUDA is available the default is one chunk:
+    one large kernel is best on a GPU. With `export_attention`, the attention heads' records also carry each
+    member's mean CLS attention over the time tokens on the test split (overall and per class) and its masking
+    ablation (extra test passes at the end), both with the member's weights at its best validation epoch, the
+    epoch its accuracy comes from.
     `encoder_name` names the pretraining variant in the results (a preset's encoder name), so that two variants of
     one mode and width stay apart in tables.
 
     Args:
-        kind: the head: mlp or linear (one per t); gru, transformer or continuous (a transformer that reads sigma(t)),
-            the mixers over t; concat, mean or weighted, baselines (an MLP on all t concatenated, on their mean, on a
-            learned weighted sum).
+        kind: the head, a kind of trajrep.kinds: mlp or linear (one per t); gru, transformer or continuous (a
+            transformer that reads sigma(t)), the mixers over t; concat, mean or weighted, baselines (an MLP on all t
+            concatenated, on their mean, on a learned weighted sum).
         learning_rates: the lr grid; every lr x seed is one member, the lr is selected on validation.
         seeds: probe seeds (set from the data's seeds).
         weight_decay: Adam's L2 weight decay.
@@ -152,7 +149,7 @@ class ProbeModule(pl.LightningModule):
 
     def __init__(
         self,
-        kind: ProbeKind = "mlp",
+        kind: str = "mlp",
         learning_rates: list[float] = PAPER_LEARNING_RATES,
         seeds: list[int] = [0, 1, 2, 3, 4],
         weight_decay: float = 1e-5,
@@ -169,15 +166,16 @@ class ProbeModule(pl.LightningModule):
         overwrite_results: bool = False,
     ) -> None:
         super().__init__()
-        if kind not in HEADS:
-            raise TrajrepError(f"unknown probe head {kind!r}; valid kinds: {', '.join(sorted(HEADS))}")
+        if kind not in head_kinds():
+            raise TrajrepError(f"unknown probe head {kind!r}; valid kinds: {', '.join(sorted(head_kinds()))} (kNN "
+                               "has its own config, configs/probe/knn.yaml)")
         if not learning_rates or min(learning_rates) <= 0:
             raise TrajrepError(f"learning rates must be positive, got {learning_rates}")
         check_head_kwargs(kind, head_kwargs or {})
         self.save_hyperparameters()
         self.automatic_optimization = False
-        # Mixers are clipped at 1.0 (SPEC §7) unless told otherwise; the MLP-style heads are not.
-        self.grad_clip = grad_clip if grad_clip is not None else (1.0 if kind in MIXERS else None)
+        # Mixers are clipped at 1.0 (method §7) unless told otherwise; the MLP-style heads are not.
+        self.grad_clip = grad_clip if grad_clip is not None else (1.0 if kind_of(kind).mixer else None)
         self.task_names = task_names or [f"task{k}" for k in range(len(num_classes))]
         time_indices = list(range(len(times))) if self.single_time else [None]
         self.members = [
@@ -214,11 +212,11 @@ class ProbeModule(pl.LightningModule):
     @property
     def single_time(self) -> bool:
         """Whether every t of the grid gets its own members (the per-t probes)."""
-        return issubclass(HEADS[self.hparams.kind], SingleTimeHead)
+        return kind_of(self.hparams.kind).single_time
 
     @property
     def exports_attention(self) -> bool:
-        return self.hparams.kind in ATTENTION_HEADS and self.hparams.export_attention
+        return kind_of(self.hparams.kind).attention and self.hparams.export_attention
 
     def _build_head(self, members: list[dict]) -> torch.nn.Module:
         extra = {"time_index": [m["time_index"] for m in members]} if self.single_time else {}
@@ -398,7 +396,7 @@ class ProbeModule(pl.LightningModule):
 
     @torch.no_grad()
     def masked_test_accuracy(self) -> dict[str, torch.Tensor]:
-        """The masking ablation (SPEC §9) on the test split, with the current weights: "full" (G, 1),
+        """The masking ablation (method §9) on the test split, with the current weights: "full" (G, 1),
         accuracy with nothing hidden; "drop" (G, T + 1), with one key hidden from attention (time token i, or the
         CLS key last);
         "keep_only" (G, T), accuracy when time token i is the only time token left (the CLS key stays)."""

@@ -28,23 +28,45 @@ from scipy import stats
 from trajrep.checks import ensure_wandb_ready
 from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError, errors_as_one_line
-from trajrep.results import SINGLE_TIME_KINDS, probe_label, read_results
+from trajrep.kinds import KINDS
+from trajrep.results import probe_label, read_results
 from trajrep.similarity import mean_off_diagonal
 from trajrep.timegrid import grid_label
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-COLUMNS = {"mlp": "best single t", "linear": "linear, best t", "knn": "kNN, best t", "concat": "concat",
-           "mean": "mean", "weighted": "weighted", "gru": "GRU", "transformer": "Transformer",
-           "continuous": "continuous", "concat-replicated": "concat, best t replicated",
-           "transformer-replicated": "Transformer, best t replicated",
-           "transformer-layers": "Transformer over (layer, t)"}
-MIXERS = ("gru", "transformer", "continuous", "transformer-layers")
-# Differences with a 95 % interval over paired pretraining seeds: (column, baseline, label).
-DIFFERENCES = [*((m, "mlp", f"{COLUMNS[m]} - best t") for m in MIXERS),
-               ("transformer", "transformer-replicated", "Transformer - replicated best t"),
-               ("concat", "concat-replicated", "concat - replicated best t")]
+
+
+def base_kind(column: str) -> str:
+    """The probe kind of a column: "transformer" for "transformer-replicated" and "transformer-layers"."""
+    return column.removesuffix("-replicated").removesuffix("-layers")
+
+
+def columns() -> dict[str, str]:
+    """Every column a table can have, with its label: each probe kind (trajrep.kinds, in its order), then each kind
+    over every t with its best single t replicated at every position, then each over (layer, t) tokens."""
+    kinds = {name: kind.column for name, kind in KINDS.items()}
+    over_t = [name for name, kind in KINDS.items() if not kind.single_time]
+    return {**kinds, **{f"{name}-replicated": f"{kinds[name]}, best t replicated" for name in over_t},
+            **{f"{name}-layers": f"{kinds[name]} over (layer, t)" for name in over_t}}
+
+
+def mixer_columns() -> list[str]:
+    """The columns of mixers (over t or over (layer, t)), each compared to the best single t."""
+    return [column for column in columns() if KINDS[base_kind(column)].mixer and "-replicated" not in column]
+
+
+def differences() -> list[tuple[str, str, str]]:
+    """(column, baseline, label) of each difference the table reports with a 95 % interval over paired pretraining
+    seeds: every mixer minus the best single t, then every kind minus its replicated best t (mixers first)."""
+    labels = columns()
+    replicated = sorted((column for column in labels if column.endswith("-replicated")),
+                        key=lambda column: not KINDS[base_kind(column)].mixer)
+    return [*((column, "mlp", f"{labels[column]} - best t") for column in mixer_columns()),
+            *((base_kind(column), column, f"{labels[base_kind(column)]} - replicated best t")
+              for column in replicated)]
+
 # A probe whose members mostly peak at their last epoch, or whose selected lr (or k) is at the edge of its grid.
 UNCONVERGED_FRACTION = 0.5
 ROW_FIELDS = ("dataset", "encoder", "latent_dim", "steps", "g", "task")
@@ -111,7 +133,7 @@ class Collected:
             if probe == "transformer":
                 chosen = [r for r in results["records"] if r["task"] == task and r["lr"] == selected["lr"]]
                 self._add_attention(row, seed, chosen, context["times"])
-            if _of_one_block(context) and probe in SINGLE_TIME_KINDS:
+            if _of_one_block(context) and probe in KINDS and KINDS[probe].single_time:
                 self._add_block_candidate(self._row(context, task, per_layer=False), context, probe, seed, selected)
 
     @staticmethod
@@ -188,7 +210,7 @@ def convergence_warnings(convergence: dict[str, dict]) -> list[str]:
         if edges:
             reasons.append(f"lr at the grid's edge in {edges}/{len(by_seed)} seeds")
         if reasons:
-            found.append(f"{COLUMNS.get(probe, probe)} ({'; '.join(reasons)})")
+            found.append(f"{columns().get(probe, probe)} ({'; '.join(reasons)})")
     return found
 
 
@@ -208,11 +230,11 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def difference_interval(mixer: list[float], single: list[float]) -> tuple[float, float | None]:
     """Mean of mixer - best t over paired pretraining seeds and the half-width of its 95 % t-interval."""
-    differences = np.array(mixer) - np.array(single)
-    if len(differences) < 2:
-        return float(differences.mean()), None
-    half = stats.t.ppf(0.975, len(differences) - 1) * differences.std(ddof=1) / math.sqrt(len(differences))
-    return float(differences.mean()), float(half)
+    paired = np.array(mixer) - np.array(single)
+    if len(paired) < 2:
+        return float(paired.mean()), None
+    half = stats.t.ppf(0.975, len(paired) - 1) * paired.std(ddof=1) / math.sqrt(len(paired))
+    return float(paired.mean()), float(half)
 
 
 def table_rows(collected: Collected) -> list[dict]:
@@ -222,12 +244,12 @@ def table_rows(collected: Collected) -> list[dict]:
     for row in sorted(collected.cells, key=row_order):
         cells = collected.cells[row]
         entry = dict(zip(ROW_FIELDS, row))
-        for probe in COLUMNS:
+        for probe in columns():
             values = list(cells.get(probe, {}).values())
             entry[probe] = (*mean_std(values), len(values)) if values else None
         cka = list(collected.cka.get(row, {}).values())
         entry["cka"] = float(np.mean(cka)) if cka else None
-        for column, baseline, label in DIFFERENCES:
+        for column, baseline, label in differences():
             seeds = sorted(set(cells.get(column, {})) & set(cells.get(baseline, {})), key=str)
             entry[label] = difference_interval([cells[column][s] for s in seeds],
                                                [cells[baseline][s] for s in seeds]) if seeds else None
@@ -260,14 +282,20 @@ def _difference(value: tuple | None) -> str:
     return f"{100 * value[0]:+.2f}" + (" (n = 1, no interval)" if value[1] is None else f" ± {100 * value[1]:.2f}")
 
 
+def _filled(rows: list[dict]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The probe columns and the differences that some row fills (the tables leave the others out)."""
+    return ([probe for probe in columns() if any(row[probe] for row in rows)],
+            [difference for difference in differences() if any(row[difference[2]] for row in rows)])
+
+
 def _text_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells; a column that no row fills is left out."""
-    probes = [p for p in COLUMNS if any(row[p] for row in rows)]
-    differences = [label for _, _, label in DIFFERENCES if any(row[label] for row in rows)]
+    """Header and cells of the columns some row fills."""
+    probes, filled = _filled(rows)
+    labels = [label for _, _, label in filled]
     chosen = [CHOSEN] if any(row["chosen"] for row in rows) else []
-    header = [*ROW_FIELDS, *chosen, *(COLUMNS[p] for p in probes), *differences, "CKA across t"]
+    header = [*ROW_FIELDS, *chosen, *(columns()[p] for p in probes), *labels, "CKA across t"]
     body = [[str(row[f]) for f in ROW_FIELDS] + [row["chosen"] for _ in chosen] + [_cell(row[p]) for p in probes]
-            + [_difference(row[label]) for label in differences]
+            + [_difference(row[label]) for label in labels]
             + ["" if row["cka"] is None else f"{row['cka']:.3f}"] for row in rows]
     return header, body
 
@@ -285,11 +313,13 @@ def revision_note(revisions: Counter) -> str:
 
 
 def write_tables(rows: list[dict], out: Path, revisions: Counter) -> None:
-    """table.md (with the code revision of its records), table.csv (numbers unrounded) and table.tex."""
+    """table.md (with the code revision of its records), table.csv (numbers unrounded) and table.tex, each with the
+    columns some row fills."""
     header, body = _text_table(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    seeds = sorted({row[p][2] for row in rows for p in COLUMNS if row[p]})
+    probes, filled = _filled(rows)
+    seeds = sorted({row[p][2] for row in rows for p in probes if row[p]})
     note = (f"Test accuracy (%), mean ± std over pretraining seeds (n = {', '.join(map(str, seeds))}); "
             "differences with a 95 % t-interval over paired seeds. CKA across t: mean linear CKA between the "
             "test representations at every two times of the grid (1 = the same representation at every t).")
@@ -301,13 +331,12 @@ def write_tables(rows: list[dict], out: Path, revisions: Counter) -> None:
     (out / "table.md").write_text("\n".join([note, "", revision_note(revisions), "", *lines]) + "\n")
     with open(out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*ROW_FIELDS, "mlp_layer_t", *(f"{p}_{s}" for p in COLUMNS for s in ("mean", "std", "seeds")),
-                         *(f"{c}_minus_{b}_{s}" for c, b, _ in DIFFERENCES for s in ("mean", "ci95")), "cka_mean"])
+        writer.writerow([*ROW_FIELDS, "mlp_layer_t", *(f"{p}_{s}" for p in probes for s in ("mean", "std", "seeds")),
+                         *(f"{c}_minus_{b}_{s}" for c, b, _ in filled for s in ("mean", "ci95")), "cka_mean"])
         for row in rows:
             writer.writerow([row[f] for f in ROW_FIELDS] + [row["chosen"]]
-                            + ["" if v is None else v for p in COLUMNS for v in (row[p] or ("", "", ""))]
-                            + ["" if v is None else v for _, _, label in DIFFERENCES
-                               for v in (row[label] or ("", ""))]
+                            + ["" if v is None else v for p in probes for v in (row[p] or ("", "", ""))]
+                            + ["" if v is None else v for _, _, label in filled for v in (row[label] or ("", ""))]
                             + ["" if row["cka"] is None else row["cka"]])
     escape = str.maketrans({"_": r"\_", "%": r"\%", "±": r"$\pm$"})
     tex = [r"\begin{tabular}{" + "l" * len(ROW_FIELDS) + "r" * (len(header) - len(ROW_FIELDS)) + "}", r"\hline",
@@ -373,12 +402,11 @@ def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
         stds = 100 * np.array([std or 0.0 for _, std in stats_at])
         ax.plot(times, means, "o-", color="black", label="MLP at t")
         ax.fill_between(times, means - stds, means + stds, color="black", alpha=0.15)
-        references = (*MIXERS, "concat", "transformer-replicated")
-        colours = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:grey", "tab:purple")
-        for mixer, colour in zip(references, colours):
-            if collected.cells[row].get(mixer):
-                ax.axhline(100 * np.mean(list(collected.cells[row][mixer].values())), color=colour, ls="--",
-                           label=COLUMNS[mixer])
+        references = [column for column in (*mixer_columns(), "concat", "transformer-replicated")
+                      if collected.cells[row].get(column)]
+        for column, colour in zip(references, plt.get_cmap("tab10").colors):
+            ax.axhline(100 * np.mean(list(collected.cells[row][column].values())), color=colour, ls="--",
+                       label=columns()[column])
         ax.set_ylabel("test accuracy (%)")
         ax.ticklabel_format(axis="y", useOffset=False)  # 99.99 %, not 0.00 + 9.999e1
         time_axes(ax, collected.sde.get(row))
@@ -484,8 +512,9 @@ def report(results_dir: str | Path, out: str | Path | None = None, wandb_project
     return out
 
 
-def main(args: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the results table and figures from probe result files.")
+def main(args: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Build the results table and figures from probe result "
+                                     "files.")
     parser.add_argument("results_dir")
     parser.add_argument("--out", default=None, help="output folder (default: results_dir)")
     parser.add_argument("--wandb-project", default=None)

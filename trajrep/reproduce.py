@@ -39,10 +39,10 @@ from trajrep.data.base import ImageDataModule
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.launch import (LAUNCHERS, Resources, Stage, check_launch, print_graph, print_status, resources_for,
                             run_inline, run_local, submit_slurm)
-from trajrep.nn.probes import HEADS
 from trajrep.pretrain import PretrainModule
 from trajrep.report import report
-from trajrep.results import SINGLE_TIME_KINDS, read_results
+from trajrep.kinds import KINDS, kind_of, single_time_kinds
+from trajrep.results import read_results
 from trajrep.threads import available_cpus
 from trajrep.timegrid import granularity_times
 
@@ -152,16 +152,15 @@ def load_preset(path: str | Path, check: bool = True) -> Preset:
 def check_preset(preset: Preset, where: str) -> None:
     """Everything a preset names, checked before its first stage runs: head kinds, the kinds its per-kind options
     are for, unique names, config files, image classes, and every encoder's pretraining options (parsed, not run)."""
-    kinds = {*HEADS, "knn"}
-    unknown = [kind for kind in [*preset.probes, *preset.replicated] if kind not in kinds]
+    unknown = [kind for kind in [*preset.probes, *preset.replicated] if kind not in KINDS]
     if unknown:
         raise TrajrepError(f"{where}: unknown probe kind(s) {', '.join(map(repr, unknown))}; valid kinds: "
-                           f"{', '.join(sorted(kinds))}")
+                           f"{', '.join(sorted(KINDS))}")
     if preset.replicated and "mlp" not in preset.probes:
         raise TrajrepError(f"{where}: the replicated controls ({', '.join(preset.replicated)}) run on the mlp "
                            "probe's best single t; add mlp to probes")
     for key, allowed in (("probe_kind_args", preset.probes),
-                         ("pixel_probe_args", [k for k in SINGLE_TIME_KINDS if k in preset.probes])):
+                         ("pixel_probe_args", [k for k in single_time_kinds() if k in preset.probes])):
         stray = [kind for kind in getattr(preset, key) if kind not in allowed]
         if stray:
             raise TrajrepError(f"{where}: {key} has options for {', '.join(map(repr, stray))}, which the preset does "
@@ -339,7 +338,7 @@ class Reproduction:
                     graph += self._trained_stages(dataset, encoder, seed)
                 if encoder.untrained:
                     graph += self._untrained_stages(dataset, encoder)
-            for kind in SINGLE_TIME_KINDS:  # the raw-pixel control, through the same protocol
+            for kind in single_time_kinds():  # the raw-pixel control, through the same protocol
                 if kind in self.preset.probes:
                     run = f"{dataset.name}-pixels"
                     graph.append(Stage(f"probe/{run}/{kind}", [],
@@ -403,9 +402,9 @@ class Reproduction:
                 continue
             mlps = tuple(f"{base}/{block}" for block in blocks)
             found += [Probing(grid, f"{base}/{block}", kind, block)
-                      for block in blocks for kind in self.preset.probes if kind in SINGLE_TIME_KINDS]
+                      for block in blocks for kind in self.preset.probes if kind_of(kind).single_time]
             found += [Probing(grid, f"{base}/{CHOSEN_BLOCK}", kind, CHOSEN_BLOCK, needs=mlps)
-                      for kind in self.preset.probes if kind not in SINGLE_TIME_KINDS]
+                      for kind in self.preset.probes if not kind_of(kind).single_time]
             found += [Probing(grid, f"{base}/{CHOSEN_BLOCK}/replicated", kind, CHOSEN_BLOCK, replicated=True,
                               needs=mlps) for kind in self.preset.replicated]
             found += [Probing(grid, f"{base}/layers", kind, tokens=True) for kind in encoder.layer_tokens]
@@ -455,13 +454,15 @@ class Reproduction:
             return done
         run_dir = self.runs / "probe" / run / kind
         name = [f"--model.encoder_name={encoder}"] if encoder else []
-        training = [] if kind == "knn" else [*self.preset.probe_args, *dataset.probe_args]
-        args = ["--config", str(CONFIGS / "probe" / f"{kind}.yaml"), *data,
-                f"--data.images={json.dumps(dataset.images_config)}", f"--data.dataset_name={dataset.name}",
+        trains = kind_of(kind).head is not None
+        training = [*self.preset.probe_args, *dataset.probe_args] if trains else []
+        config = kind_of(kind).config  # a registered head may start from another kind's config
+        args = ["--config", str(CONFIGS / "probe" / f"{config}.yaml"), *([f"--model.kind={kind}"] * (config != kind)),
+                *data, f"--data.images={json.dumps(dataset.images_config)}", f"--data.dataset_name={dataset.name}",
                 f"--model.results_dir={folder}",
                 f"--trainer.default_root_dir={run_dir}", *name, *training, *self.preset.probe_kind_args.get(kind, []),
                 *extra, *self._logger_args(run.replace("/", "-"), kind, run_dir)]
-        self._run_stage("validate" if kind == "knn" else "fit", args)
+        self._run_stage("fit" if trains else "validate", args)
         return self._probe_done(folder, kind)
 
     def probe_grid(self, run: str, probing: Probing, dataset: Dataset, encoder: Encoder,
@@ -544,8 +545,8 @@ def run_stage(preset: Preset, name: str, runs: str, results: str, stage: str) ->
         found.work()
 
 
-def main(args: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run a preset's pipeline, skipping finished stages.")
+def main(args: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Run a preset's pipeline, skipping finished stages.")
     parser.add_argument("preset", help="a preset file, e.g. configs/presets/smoke.yaml")
     parser.add_argument("--runs", default="runs", help="checkpoints and logs (default: runs)")
     parser.add_argument("--results", default="results", help="records, tables and figures (default: results)")

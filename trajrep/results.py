@@ -9,8 +9,6 @@ from trajrep.disk import atomic_write_bytes
 from trajrep.errors import TrajrepError
 
 RESULTS_VERSION = 1
-# The probes of one representation at each t (which the raw-pixel control also gets), each t chosen on validation.
-SINGLE_TIME_KINDS = ("mlp", "linear", "knn")
 
 
 def git_revision() -> str | None:

@@ -1,4 +1,4 @@
-"""Model selection of the probe protocol (SPEC §7), on validation accuracy only.
+"""Model selection of the probe protocol (method §7), on validation accuracy only.
 
 For every member (one probe configuration) keep the epoch with the best validation accuracy and the test accuracy
 at that epoch; per task (and, for single-t probes, per t) pick the learning rate with the best mean validation

@@ -17,7 +17,7 @@ def grid_label(times: list[float]) -> int | str:
 
 
 def granularity_times(g: int) -> list[Fraction]:
-    """The paper's grid of granularity g: i / g for i = 0..g; g = 1 is the single point t = 0.5 (SPEC §6)."""
+    """The paper's grid of granularity g: i / g for i = 0..g; g = 1 is the single point t = 0.5 (method §6)."""
     if g < 1:
         raise TrajrepError(f"granularity must be a positive integer, got {g}")
     if g == 1:

@@ -1,4 +1,4 @@
-"""CelebA: 40 binary face attributes, from torchvision's folder layout, resized to 64 px (SPEC §8).
+"""CelebA: 40 binary face attributes, from torchvision's folder layout, resized to 64 px (method §8).
 
     root/celeba/img_align_celeba/<image>.jpg
     root/celeba/list_attr_celeba.txt        count, attribute names, then "<image> +-1 x 40"

@@ -24,7 +24,7 @@ from trajrep.errors import TrajrepError
 
 @dataclass(frozen=True)
 class CIFARVariant:
-    """What differs between CIFAR-10 and CIFAR-100: torchvision's reader, class count and SPEC §5 statistics."""
+    """What differs between CIFAR-10 and CIFAR-100: torchvision's reader, class count and method §5 statistics."""
 
     name: str
     reader: type[torchvision.datasets.CIFAR10]
@@ -135,7 +135,7 @@ class CIFARDataModule(ImageDataModule):
 
 
 class CIFAR10(CIFARDataModule):
-    """CIFAR-10: 10 classes, 50k / 10k, standardised with the SPEC §5 statistics.
+    """CIFAR-10: 10 classes, 50k / 10k, standardised with the method §5 statistics.
 
     Args:
         root: folder holding torchvision's `cifar-10-batches-py` folder.
@@ -148,7 +148,7 @@ class CIFAR10(CIFARDataModule):
 
 
 class CIFAR100(CIFARDataModule):
-    """CIFAR-100 (fine labels): 100 classes, 50k / 10k, standardised with the SPEC §5 statistics.
+    """CIFAR-100 (fine labels): 100 classes, 50k / 10k, standardised with the method §5 statistics.
 
     Args:
         root: folder holding torchvision's `cifar-100-python` folder.

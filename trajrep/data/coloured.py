@@ -1,4 +1,4 @@
-"""Coloured: any grey dataset turned into a 3-task colour dataset (SPEC §8), deterministically from a seed.
+"""Coloured: any grey dataset turned into a 3-task colour dataset (method §8), deterministically from a seed.
 
 Each image gets a background colour and a different foreground colour from the 9-colour palette of the synthetic
 shapes; a pixel of grey level g becomes g * foreground + (1 - g) * background. The tasks are the source's class,

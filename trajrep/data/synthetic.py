@@ -1,4 +1,4 @@
-"""SyntheticShapes: the paper's generated 4-task data (SPEC §8), built in memory from a seed.
+"""SyntheticShapes: the paper's generated 4-task data (method §8), built in memory from a seed.
 
 Every combination of background colour, foreground colour, location and shape is one image, so each attribute is
 exactly recoverable and the tasks are independent by construction; the seed only decides which combinations are

@@ -23,7 +23,7 @@ class GaussianFourierFeatures(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """log sigma(t) -> Fourier features (16 frequencies, scale 16) -> Linear -> SiLU -> Linear, as SPEC §3-4."""
+    """log sigma(t) -> Fourier features (16 frequencies, scale 16) -> Linear -> SiLU -> Linear, as method §3-4."""
 
     def __init__(self, dim: int = 64, num_frequencies: int = 16, scale: float = 16.0) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Time-conditioned Wide-ResNet encoder E(x0, t) (SPEC §3)."""
+"""Time-conditioned Wide-ResNet encoder E(x0, t) (method §3)."""
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,6 @@ class TimeConditionedWRN(nn.Module):
         return self.posterior(f) if self.posterior is not None else f
 
     def representation(self, x0: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-        """What downstream probes read: f, or the posterior mean mu (SPEC §6)."""
+        """What downstream probes read: f, or the posterior mean mu (method §6)."""
         out = self(x0, log_sigma)
         return out[:, : self.feature_dim]

@@ -1,14 +1,14 @@
-"""Probe heads (SPEC §7) over cached representations, each a grid of G members trained as one module.
+"""Probe heads (method §7) over cached representations, each a grid of G members trained as one module.
 
 Every head maps x of shape (G, B, T, d) - member g's own batch over the T cached times - to logits
 (G, B, sum(num_classes)); a (B, T, d) batch is shared by all members (evaluation). Member g is initialised from
 `seeds[g]` alone, so the grid (lr x seed, or lr x seed x t for the per-t MLP) is G independent probes.
-Train with `per_member_loss(...).sum()`, `clip_grad_norm_per_member_` and `GroupedAdam`.
+Train with `per_member_loss(...).sum()`, `clip_grad_norm_per_member_` and `GroupedAdam`. trajrep.kinds registers
+each head as a probe kind.
 """
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +156,7 @@ class SingleTimeHead(ProbeHead):
 
 
 class MLPHead(SingleTimeHead):
-    """Linear(d, 512) -> ReLU -> Dropout -> Linear(512, C) on one time per member (SPEC §7)."""
+    """Linear(d, 512) -> ReLU -> Dropout -> Linear(512, C) on one time per member (method §7)."""
 
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
                  seeds: Sequence[int], *, time_index: Sequence[int] | None = None, hidden_dim: int = 512,
@@ -288,7 +288,7 @@ class _TokenMixerHead(ProbeHead):
 
 
 class TransformerHead(_TokenMixerHead):
-    """Transformer mixer of SPEC §7: the position code is the fixed sinusoidal code of the sequence index."""
+    """Transformer mixer of method §7: the position code is the fixed sinusoidal code of the sequence index."""
 
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
                  seeds: Sequence[int], *, d_model: int = 256, num_heads: int = 4, ffn_dim: int = 512,
@@ -335,23 +335,3 @@ class ContinuousTransformerHead(_TokenMixerHead):
                              f"{None if t is None else tuple(t.shape)}")
         features = self.fourier(self.sde.log_sigma(t.to(self.fourier.frequencies)))
         return self.time_proj(features.expand(self.num_members, -1, -1)).unsqueeze(1)
-
-
-ProbeKind = Literal["mlp", "linear", "gru", "transformer", "concat", "mean", "weighted", "continuous"]
-HEADS: dict[ProbeKind, type[ProbeHead]] = {
-    "mlp": MLPHead,
-    "linear": LinearHead,
-    "gru": GRUHead,
-    "transformer": TransformerHead,
-    "concat": ConcatHead,
-    "mean": MeanHead,
-    "weighted": WeightedHead,
-    "continuous": ContinuousTransformerHead,
-}
-
-
-def build_head(kind: str, **kwargs) -> ProbeHead:
-    """The head registered as `kind`, built with `kwargs`."""
-    if kind not in HEADS:
-        raise TrajrepError(f"unknown probe head {kind!r}; valid kinds: {', '.join(sorted(HEADS))}")
-    return HEADS[kind](**kwargs)

@@ -1,4 +1,4 @@
-"""Small NCSN++-style score U-Net conditioned on log sigma(t) and the encoder's latent z (SPEC §4).
+"""Small NCSN++-style score U-Net conditioned on log sigma(t) and the encoder's latent z (method §4).
 
 Shaped and initialised like the reference's NCSN++ ("biggan" blocks, no input pyramid): the layers that close a
 residual branch start near zero, so a fresh block is its skip path and the fresh net outputs about 0.
@@ -90,7 +90,7 @@ class SelfAttention(nn.Module):
 
 
 class ScoreUNet(nn.Module):
-    """Returns the raw output h(x_t, sigma, z); the score is h / sigma (the caller divides, SPEC §2).
+    """Returns the raw output h(x_t, sigma, z); the score is h / sigma (the caller divides, method §2).
     With `latent_dim` 0 it is a plain (unconditional) diffusion model: no z, conditioned on sigma alone.
 
     `latent_bottleneck` also injects the conditioning vector at the lowest resolution L, as the reference does: an

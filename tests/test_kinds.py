@@ -1,0 +1,46 @@
+"""A probe kind is one registry entry (trajrep.kinds): registered there, it runs through the CLI, a preset and the
+report without any other file naming it."""
+
+import pytest
+import yaml
+
+from conftest import REPO
+from trajrep.kinds import KINDS, Kind, single_time_kinds
+from trajrep.nn.probes import MeanHead
+from trajrep.report import columns, differences
+from trajrep.reproduce import main as reproduce_main
+from trajrep.results import read_results
+
+
+class MaxHead(MeanHead):
+    """A toy mixer: the MLP on each feature's largest value over t."""
+
+    def forward(self, x, t=None):
+        return self.mlp(self.member_batches(x).amax(dim=2))
+
+
+def test_the_registry_orders_the_table_and_says_which_kinds_mix():
+    assert list(columns())[:len(KINDS)] == list(KINDS)  # the table lists kinds in registry order
+    assert single_time_kinds() == ["mlp", "linear", "knn"]
+    assert [column for column, baseline, _ in differences() if baseline == "mlp"] == [
+        "gru", "transformer", "continuous", "gru-layers", "transformer-layers", "continuous-layers"]
+    replicated = [column for _, column, _ in differences() if column.endswith("-replicated")]
+    assert replicated[:3] == ["gru-replicated", "transformer-replicated", "continuous-replicated"]  # mixers first
+
+
+@pytest.mark.slow
+def test_a_kind_registered_in_one_place_runs_through_the_cli_a_preset_and_the_report(tmp_path, scratch_cwd,
+                                                                                        monkeypatch):
+    monkeypatch.setitem(KINDS, "max", Kind(MaxHead, "max over t", config="mean", mixer=True))  # as register() does
+    preset = yaml.safe_load((REPO / "configs" / "presets" / "smoke.yaml").read_text())
+    preset.update(seeds=[0], probes=["mlp", "max"], replicated=[], probe_kind_args={})
+    preset["encoders"][0]["untrained"] = False
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(preset))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    reproduce_main([str(tmp_path / "toy.yaml"), "--runs", str(tmp_path / "runs"), "--results",
+                    str(tmp_path / "results")])
+    (record,) = (tmp_path / "results" / "toy" / "probes").rglob("max-*.json")
+    results = read_results(record)
+    assert results["context"]["config"]["model"]["kind"] == "max" and len(results["records"]) == 4 * 2 * 2
+    header = (tmp_path / "results" / "toy" / "table.md").read_text().splitlines()[4]
+    assert "| max over t |" in header and "| max over t - best t |" in header
