@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -175,3 +176,28 @@ def test_console_script_runs_reproduce_as_a_subcommand(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pretrain/shapes-reg-drl-seed0" in done.stdout and done.stdout.splitlines()[-1].endswith("to run")
 
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_runs_a_shipped_preset_by_name(tmp_path):
+    source = tmp_path / "source"  # the wheel is built from a copy: setuptools writes build/ beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "trajrep", source / "trajrep", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(tmp_path / "wheel")],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("trajrep-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "installed"), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    empty = tmp_path / "elsewhere"  # no checkout, no configs/ here: the preset and its configs come from the wheel
+    empty.mkdir()
+    done = subprocess.run([sys.executable, "-m", "trajrep", "reproduce", "smoke", "--status"], cwd=empty,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "installed")}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pretrain/shapes-reg-drl-seed0" in done.stdout and done.stdout.splitlines()[-1].endswith("to run")
+    assert str(tmp_path / "installed") in subprocess.run(
+        [sys.executable, "-c", "import trajrep; print(trajrep.__file__)"], cwd=empty, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "installed")}).stdout  # the wheel's code, not the checkout's

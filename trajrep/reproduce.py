@@ -46,7 +46,7 @@ from trajrep.results import read_results
 from trajrep.threads import available_cpus
 from trajrep.timegrid import granularity_times
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data; configs/ in a checkout links to it
 # A mixer of denoiser features reads the block whose MLP has the best validation accuracy.
 CHOSEN_BLOCK = "chosen-block"
 # Training images whose statistics calibrate the untrained control's BatchNorm (cumulative average).
@@ -233,14 +233,24 @@ def _read_yaml(path: str | Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise TrajrepError(f"preset file {path} not found; the presets are in configs/presets/")
+        shipped = ", ".join(sorted(p.stem for p in (CONFIGS / "presets").glob("*.yaml")))
+        raise TrajrepError(f"preset file {path} not found; give a preset file or the name of one that trajrep ships "
+                           f"({shipped})")
     return yaml.safe_load(path.read_text())
 
 
 def _in_repository(path: str) -> Path:
-    """A relative config path from the current folder, or else from the trajrep checkout (presets name both)."""
+    """A relative config path from the current folder, or else from the trajrep package ("configs/..." names its
+    package data, as the shipped presets do)."""
     here = Path(path)
     return here if here.is_absolute() or here.exists() else CONFIGS.parent / path
+
+
+def preset_path(preset: str) -> Path:
+    """A preset file, or the name of one that trajrep ships: `trajrep reproduce smoke`."""
+    path = Path(preset)
+    shipped = CONFIGS / "presets" / f"{preset}.yaml"
+    return shipped if not path.exists() and not path.suffix and shipped.is_file() else path
 
 
 def _is_valid_record(path: Path) -> bool:
@@ -547,7 +557,8 @@ def run_stage(preset: Preset, name: str, runs: str, results: str, stage: str) ->
 
 def main(args: list[str] | None = None, prog: str | None = None) -> None:
     parser = argparse.ArgumentParser(prog=prog, description="Run a preset's pipeline, skipping finished stages.")
-    parser.add_argument("preset", help="a preset file, e.g. configs/presets/smoke.yaml")
+    parser.add_argument("preset", help="a preset file, e.g. configs/presets/smoke.yaml, or the name of a preset "
+                        "trajrep ships (smoke, cpu, comparison, ...)")
     parser.add_argument("--runs", default="runs", help="checkpoints and logs (default: runs)")
     parser.add_argument("--results", default="results", help="records, tables and figures (default: results)")
     parser.add_argument("--wandb-project", default=None, help="log every stage to this W&B project (overrides the "
@@ -566,9 +577,10 @@ def main(args: list[str] | None = None, prog: str | None = None) -> None:
     options = parser.parse_args(args)
     with errors_as_one_line():
         check_launch(options.launcher, options.jobs)
-        preset = load_preset(options.preset)
+        path = preset_path(options.preset)
+        preset = load_preset(path)
         preset.wandb_project = options.wandb_project or preset.wandb_project
-        reproduction = Reproduction(preset, Path(options.preset).stem, Path(options.runs), Path(options.results))
+        reproduction = Reproduction(preset, path.stem, Path(options.runs), Path(options.results))
         stages, folder = reproduction.stages(), reproduction.runs / "jobs"
         resources = resources_for(preset.resources)
         if options.status:
