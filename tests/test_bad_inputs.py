@@ -12,12 +12,13 @@ import yaml
 from PIL import Image
 
 from conftest import QUICKSTART, REPO, tiny_fit_args
-from trajrep.cli import build_cli, main
+from trajrep.cli import main
+from trajrep.lightning_cli import build_cli
 from trajrep.data import ImageFolder
 from trajrep.data.cache import FORMAT_VERSION
 from trajrep.data.representations import ProbeData
 from trajrep.errors import TrajrepError
-from trajrep.report import main as report_main
+from trajrep.analysis.report import main as report_main
 from trajrep.reproduce import load_preset
 from trajrep.threads import available_cpus
 

@@ -12,7 +12,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
 from conftest import QUICKSTART, fake_cifar, tiny_fit_args
-import trajrep.cli
+import trajrep.lightning_cli
 from trajrep.cli import main
 from trajrep.errors import TrajrepError
 from trajrep.pretrain import PretrainModule
@@ -46,7 +46,7 @@ def named_in_configs(base: type) -> list[type]:
     while todo:
         for cls in todo.pop().__subclasses__():
             todo.append(cls)
-            if cls.__module__.startswith("trajrep.") and vars(trajrep.cli).get(cls.__name__) is cls:
+            if cls.__module__.startswith("trajrep.") and vars(trajrep.lightning_cli).get(cls.__name__) is cls:
                 found.append(cls)
     return found
 

@@ -10,14 +10,16 @@ import torch
 import yaml
 
 from conftest import QUICKSTART, REPO, tiny_fit_args
-from trajrep.cli import build_cli, main
+from trajrep.cli import main
+from trajrep.lightning_cli import build_cli
 from trajrep.data.cache import RepresentationCache
 from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.denoiser import DiffusersBackbone, draw_noise, list_layers, load_backbone
 from trajrep.errors import TrajrepError
 from trajrep.extract import load_pretrained_model
-from trajrep.report import collect, report, table_rows
+from trajrep.analysis.collect import collect, table_rows
+from trajrep.analysis.report import report
 from trajrep.reproduce import Preset, Reproduction, check_preset, load_preset
 from trajrep.reproduce import main as reproduce_main
 from trajrep.results import read_results, write_results

@@ -6,8 +6,8 @@ import yaml
 
 from conftest import REPO
 from trajrep.kinds import KINDS, Kind, single_time_kinds
-from trajrep.nn.probes import MeanHead
-from trajrep.report import columns, differences
+from trajrep.nn.probes import MeanHead, SingleTimeHead
+from trajrep.analysis.collect import columns, differences
 from trajrep.reproduce import main as reproduce_main
 from trajrep.results import read_results
 
@@ -17,6 +17,14 @@ class MaxHead(MeanHead):
 
     def forward(self, x, t=None):
         return self.mlp(self.member_batches(x).amax(dim=2))
+
+
+def test_each_built_in_kind_says_what_its_head_is_and_reading_the_registry_imports_no_head():
+    for name, kind in KINDS.items():
+        if kind.head is not None:
+            assert isinstance(kind.head, str), name  # a path: trajrep.analysis reads the registry, never a model
+            assert kind.single_time == issubclass(kind.head_class(), SingleTimeHead), name
+        assert not kind.attention or kind.mixer, name
 
 
 def test_the_registry_orders_the_table_and_says_which_kinds_mix():
@@ -29,18 +37,25 @@ def test_the_registry_orders_the_table_and_says_which_kinds_mix():
 
 
 @pytest.mark.slow
-def test_a_kind_registered_in_one_place_runs_through_the_cli_a_preset_and_the_report(tmp_path, scratch_cwd,
-                                                                                        monkeypatch):
+def test_a_kind_registered_in_one_place_runs_through_the_cli_a_preset_logged_to_wandb_and_the_report(
+        tmp_path, scratch_cwd, monkeypatch):
     monkeypatch.setitem(KINDS, "max", Kind(MaxHead, "max over t", config="mean", mixer=True))  # as register() does
     preset = yaml.safe_load((REPO / "configs" / "presets" / "smoke.yaml").read_text())
     preset.update(seeds=[0], probes=["mlp", "max"], replicated=[], probe_kind_args={})
     preset["encoders"][0]["untrained"] = False
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(preset))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no account needed
+    monkeypatch.setenv("WANDB_SILENT", "true")
     reproduce_main([str(tmp_path / "toy.yaml"), "--runs", str(tmp_path / "runs"), "--results",
-                    str(tmp_path / "results")])
+                    str(tmp_path / "results"), "--wandb-project", "trajrep-toy"])
     (record,) = (tmp_path / "results" / "toy" / "probes").rglob("max-*.json")
     results = read_results(record)
     assert results["context"]["config"]["model"]["kind"] == "max" and len(results["records"]) == 4 * 2 * 2
     header = (tmp_path / "results" / "toy" / "table.md").read_text().splitlines()[4]
     assert "| max over t |" in header and "| max over t - best t |" in header
+    # One W&B run per stage (pretraining, the two probes, the pixels' MLP, the report; a cache logs nothing),
+    # the report's with the tables.
+    runs = list((tmp_path / "runs" / "toy").rglob("offline-run-*"))
+    assert len(runs) == 1 + 2 + 1 + 1
+    (report_run,) = [run for run in runs if list(run.rglob("results_table*.table.json"))]
+    assert list(report_run.rglob("accuracy_vs_t_table*.table.json"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trajrep.mine import mine, mine_pairs, time_nmi
+from trajrep.analysis.mi import mine, mine_pairs, time_nmi
 
 
 @pytest.mark.parametrize("rho, dim", [(0.8, 2), (0.5, 4)])

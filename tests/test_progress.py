@@ -10,10 +10,11 @@ import torch
 
 from conftest import tiny_fit_args
 from test_online_probe import TINY
-from trajrep.cli import build_cli, main
+from trajrep.cli import main
+from trajrep.lightning_cli import build_cli
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.pretrain import PretrainModule
-import trajrep.mine as mine_module
+import trajrep.analysis.mi as mine_module
 from trajrep.progress import ProgressLog, Ticker, duration
 from trajrep.quiet import HARMLESS_WARNINGS
 

@@ -4,7 +4,7 @@ import torch
 import pytest
 
 from conftest import tiny_fit_args
-from trajrep.cli import build_cli
+from trajrep.lightning_cli import build_cli
 from trajrep.errors import TrajrepError
 from trajrep.threads import available_cpus, cgroup_cpu_limit, default_workers
 

@@ -8,6 +8,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 
+from trajrep.data.base import ImageDataModule
 from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.encoder import TimeConditionedWRN
@@ -253,3 +254,20 @@ class PretrainModule(pl.LightningModule):
         warmup = max(self.hparams.warmup_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# Training images whose statistics calibrate the untrained control's BatchNorm (cumulative average).
+CALIBRATION_IMAGES = 2000
+
+
+def calibrate_untrained(model: PretrainModule, images: ImageDataModule, seed: int,
+                        num_images: int = CALIBRATION_IMAGES, batch_size: int = 100) -> str:
+    """Calibrate an untrained model's encoder BatchNorm on a seeded sample of training images; returns the
+    sentence its records carry."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels, _ = images.stacked("train")
+    rows = torch.randperm(len(pixels), generator=generator)[:num_images]
+    seen = model.calibrate_encoder_batchnorm((images.normalize(pixels[part]) for part in rows.split(batch_size)),
+                                             generator)
+    return (f"BatchNorm running statistics: cumulative average over {seen} training images, each at t ~ U(0, 1), "
+            "weights untrained")

@@ -80,7 +80,7 @@ MODULE_HEAD_ARGS = {"self", "num_members", "feature_dim", "num_times", "num_clas
 
 def check_head_kwargs(kind: str, head_kwargs: dict[str, Any]) -> None:
     """head_kwargs must name options of the chosen head (a typo would otherwise end in a deep TypeError)."""
-    options = sorted(set(inspect.signature(kind_of(kind).head.__init__).parameters) - MODULE_HEAD_ARGS)
+    options = sorted(set(inspect.signature(kind_of(kind).head_class().__init__).parameters) - MODULE_HEAD_ARGS)
     unknown = sorted(set(head_kwargs) - set(options))
     if unknown:
         raise TrajrepError(f"head_kwargs {', '.join(map(repr, unknown))} not an option of the {kind} head; its "

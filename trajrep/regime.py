@@ -26,11 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 import yaml  # noqa: E402
 from jsonargparse import ArgumentParser  # noqa: E402
 
-from trajrep.cli import build_cli, main as cli_main, summarise_parser_error  # noqa: E402
+from trajrep.lightning_cli import build_cli, run as cli_main, summarise_parser_error  # noqa: E402
 from trajrep.errors import TrajrepError, errors_as_one_line  # noqa: E402
 from trajrep.nn.encoder import stage_widths  # noqa: E402
 from trajrep.online_probe import OnlineProbe, split_accuracy_name  # noqa: E402
-from trajrep.reproduce import calibrate_untrained  # noqa: E402
+from trajrep.pretrain import calibrate_untrained  # noqa: E402
 
 
 @dataclass

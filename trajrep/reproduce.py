@@ -34,13 +34,12 @@ from jsonargparse import ArgumentParser
 
 import trajrep.data
 from trajrep.checks import ensure_wandb_ready, ensure_writable
-from trajrep.cli import build_cli, main as cli_main, summarise_parser_error
-from trajrep.data.base import ImageDataModule
+from trajrep.lightning_cli import build_cli, run as cli_main, summarise_parser_error
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.launch import (LAUNCHERS, Resources, Stage, check_launch, print_graph, print_status, resources_for,
                             run_inline, run_local, submit_slurm)
-from trajrep.pretrain import PretrainModule
-from trajrep.report import report
+from trajrep.pretrain import calibrate_untrained
+from trajrep.analysis.report import report
 from trajrep.kinds import KINDS, kind_of, single_time_kinds
 from trajrep.results import read_results
 from trajrep.threads import available_cpus
@@ -49,8 +48,6 @@ from trajrep.timegrid import granularity_times
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data; configs/ in a checkout links to it
 # A mixer of denoiser features reads the block whose MLP has the best validation accuracy.
 CHOSEN_BLOCK = "chosen-block"
-# Training images whose statistics calibrate the untrained control's BatchNorm (cumulative average).
-CALIBRATION_IMAGES = 2000
 
 
 @dataclass
@@ -260,19 +257,6 @@ def _is_valid_record(path: Path) -> bool:
     except TrajrepError:
         return False
     return True
-
-
-def calibrate_untrained(model: PretrainModule, images: ImageDataModule, seed: int,
-                        num_images: int = CALIBRATION_IMAGES, batch_size: int = 100) -> str:
-    """Calibrate an untrained model's encoder BatchNorm on a seeded sample of training images; returns the
-    sentence its records carry."""
-    generator = torch.Generator().manual_seed(seed)
-    pixels, _ = images.stacked("train")
-    rows = torch.randperm(len(pixels), generator=generator)[:num_images]
-    seen = model.calibrate_encoder_batchnorm((images.normalize(pixels[part]) for part in rows.split(batch_size)),
-                                             generator)
-    return (f"BatchNorm running statistics: cumulative average over {seen} training images, each at t ~ U(0, 1), "
-            "weights untrained")
 
 
 class Reproduction:

@@ -1,6 +1,6 @@
 """What each point of the trajectory knows, per task, from probe result files alone (method §9).
 
-    python -m trajrep.analysis results/<preset>/probes [--out results/<preset>/analysis] [--wandb-project P]
+    trajrep analyse results/<preset>/probes [--out results/<preset>/analysis] [--wandb-project P]
 
 For every encoder (a report row without its task):
 - accuracy over t per task: the single-t MLP's validation and test accuracy at every t (selected lr per t),
@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from scipy.spatial.distance import jensenshannon
 
+from trajrep.analysis.collect import Collected, collect, encoder_label, encoder_title, mean_std, row_order
+from trajrep.analysis.mi import time_nmi
+from trajrep.analysis.plots import plot_attention_per_class, plot_heat_maps, plot_masking, plot_per_task
+from trajrep.analysis.wandb_log import log_analysis
 from trajrep.checks import ensure_wandb_ready
 from trajrep.data.cache import RepresentationCache
 from trajrep.errors import TrajrepError, errors_as_one_line
-from trajrep.mine import time_nmi
-from trajrep.report import (TIME_LABEL, Collected, collect, encoder_label, log_wandb_run, mean_std, panel_title,
-                            panels, plt, row_order)
 from trajrep.results import read_results
 from trajrep.timegrid import grid_label, select_times
 
@@ -142,84 +143,6 @@ def task_divergence(attention: dict[tuple, dict[str, dict]]) -> dict[tuple, dict
     return found
 
 
-def _title(encoder: tuple) -> str:
-    """An encoder (and task) on one line, for tables."""
-    return " / ".join(str(value) for value in encoder)
-
-
-def plot_per_task(by_encoder: dict, path: Path, key: str, ylabel: str, scale: float = 1.0) -> None:
-    """One panel per encoder, one line per task: entry[f"{key}mean"] ± entry[f"{key}std"] over entry["times"]."""
-    keys = sorted(by_encoder, key=row_order)
-    figure, axes = panels(keys)
-    for ax, encoder in zip(axes, keys):
-        for task, entry in sorted(by_encoder[encoder].items()):
-            mean, std = scale * np.array(entry[f"{key}mean"]), scale * np.array(entry[f"{key}std"])
-            ax.plot(entry["times"], mean, "o-", label=task)
-            ax.fill_between(entry["times"], mean - std, mean + std, alpha=0.15)
-        ax.set_title(panel_title(encoder), fontsize=9)
-        ax.set(xlabel=TIME_LABEL, ylabel=ylabel)
-        ax.legend(fontsize=7, title="band: ± std over seeds", title_fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_heat_maps(by_encoder: dict, path: Path, labels_key: str, values_key: str, label: str) -> None:
-    """One square heat map per encoder: entry[values_key] with entry[labels_key] on both axes."""
-    keys = sorted(by_encoder, key=row_order)
-    figure, axes = panels(keys)
-    for ax, encoder in zip(axes, keys):
-        labels = [f"{v:g}" if isinstance(v, float) else str(v) for v in by_encoder[encoder][labels_key]]
-        image = ax.imshow(np.array(by_encoder[encoder][values_key]), cmap="viridis", vmin=0)
-        ax.set_title(panel_title(encoder), fontsize=9)
-        ax.set(xticks=range(len(labels)), yticks=range(len(labels)))
-        ax.set_xticklabels(labels, rotation=45, fontsize=7)
-        ax.set_yticklabels(labels, fontsize=7)
-        figure.colorbar(image, ax=ax, label=label)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_attention_per_class(by_encoder: dict, path: Path) -> None:
-    """One heat map per (encoder, task): classes down, times across."""
-    keys = sorted(((*encoder, task) for encoder, by_task in by_encoder.items() for task in by_task), key=row_order)
-    figure, axes = panels(keys)
-    for ax, row in zip(axes, keys):
-        entry = by_encoder[row[:-1]][row[-1]]
-        image = ax.imshow(np.array(entry["mean"]), cmap="viridis", aspect="auto")
-        ax.set(xlabel=TIME_LABEL, ylabel="class", xticks=range(len(entry["times"])))
-        ax.set_title(panel_title(row), fontsize=9)
-        ax.set_xticklabels([f"{t:g}" for t in entry["times"]], rotation=45, fontsize=7)
-        figure.colorbar(image, ax=ax, label="CLS attention")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_masking(masking: dict, path: Path) -> None:
-    """Bars: accuracy change (points) when each key is hidden, per task; one panel per encoder."""
-    keys = sorted(masking, key=row_order)
-    figure, axes = panels(keys)
-    for ax, encoder in zip(axes, keys):
-        tasks = sorted(masking[encoder])
-        width = 0.8 / len(tasks)
-        for k, task in enumerate(tasks):
-            entry = masking[encoder][task]
-            change = 100 * (np.array(entry["drop"]) - entry["full"][0])
-            ax.bar(np.arange(len(change)) + k * width, change, width, label=task)
-        labels = [f"{t:g}" for t in masking[encoder][tasks[0]]["times"]] + ["CLS"]
-        ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.axhline(0, color="black", lw=0.5)
-        ax.set_title(panel_title(encoder), fontsize=9)
-        ax.set(xlabel="hidden key (t)", ylabel="test accuracy change (points)")
-        ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def masking_markdown(masking: dict) -> str:
     """Per encoder and task: accuracy with nothing hidden, the key whose loss hurts most, the best single kept t."""
     lines = ["| encoder | task | all keys | worst key hidden | accuracy then | best kept t | accuracy then |",
@@ -228,7 +151,7 @@ def masking_markdown(masking: dict) -> str:
         for task, entry in sorted(masking[encoder].items()):
             names = [f"t={t:g}" for t in entry["times"]] + ["CLS"]
             worst, best = int(np.argmin(entry["drop"])), int(np.argmax(entry["keep_only"]))
-            lines.append(f"| {_title(encoder)} | {task} | {100 * entry['full'][0]:.2f} | {names[worst]} | "
+            lines.append(f"| {encoder_title(encoder)} | {task} | {100 * entry['full'][0]:.2f} | {names[worst]} | "
                          f"{100 * entry['drop'][worst]:.2f} | {entry['times'][best]:g} | "
                          f"{100 * entry['keep_only'][best]:.2f} |")
     return "\n".join(lines) + "\n"
@@ -243,7 +166,7 @@ def summary_markdown(accuracy: dict, attention: dict) -> str:
             best = int(np.argmax(entry["val_mean"]))
             seen = attention.get(encoder, {}).get(task)
             peak = f"{seen['times'][int(np.argmax(seen['mean']))]:g}" if seen else ""
-            lines.append(f"| {_title(encoder)} | {task} | {entry['times'][best]:g} | "
+            lines.append(f"| {encoder_title(encoder)} | {task} | {entry['times'][best]:g} | "
                          f"{100 * entry['test_mean'][best]:.2f} | {100 * entry['test_mean'][0]:.2f} | "
                          f"{100 * entry['test_mean'][-1]:.2f} | {peak} |")
     return "\n".join(lines) + "\n"
@@ -253,26 +176,6 @@ def _keyed(by_encoder: dict) -> list[dict]:
     """JSON has no tuple keys: one object per encoder, its row fields named."""
     return [{"encoder": list(encoder), **value} for encoder, value in sorted(by_encoder.items(),
                                                                              key=lambda item: row_order(item[0]))]
-
-
-def log_to_wandb(accuracy: dict, attention: dict, figures: list[Path], project: str, group: str,
-                 run_dir: Path) -> None:
-    """Accuracy and attention over t as W&B tables with line plots (one line per encoder and task) and the
-    figures as images, in one run."""
-    import wandb
-
-    logged = {}
-    for name, by_encoder, key, scale, title in (
-            ("accuracy_over_t", accuracy, "test_", 100, "MLP test accuracy (%) over t"),
-            ("attention_per_task", attention, "", 1, "Transformer CLS attention over t")):
-        table = wandb.Table(columns=["series", "t", "mean", "std"], data=[
-            [f"{_title(encoder)} / {task}", t, scale * mean, scale * std]
-            for encoder, tasks in sorted(by_encoder.items(), key=lambda item: row_order(item[0]))
-            for task, entry in sorted(tasks.items())
-            for t, mean, std in zip(entry["times"], entry[f"{key}mean"], entry[f"{key}std"])])
-        logged[f"{name}_table"] = table
-        logged[f"{name}_lines"] = wandb.plot.line(table, "t", "mean", stroke="series", title=title)
-    log_wandb_run(logged, figures, project, group, "analysis", run_dir)
 
 
 def analyse(results_dir: str | Path, out: str | Path, mine_steps: int = 4000, mine_seeds: list[int] = [0, 1],
@@ -314,7 +217,7 @@ def analyse(results_dir: str | Path, out: str | Path, mine_steps: int = 4000, mi
         plot_heat_maps(nmi, figure("nmi"), "times", "nmi", "NMI")
     (out / "analysis.md").write_text(summary_markdown(accuracy, attention))
     if wandb_project:
-        log_to_wandb(accuracy, attention, written, wandb_project, wandb_group or out.parent.name, Path(wandb_dir))
+        log_analysis(accuracy, attention, written, wandb_project, wandb_group or out.parent.name, Path(wandb_dir))
     return out
 
 
