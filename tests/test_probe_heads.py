@@ -12,7 +12,7 @@ from trajrep.nn.grouped import (GroupedAdam, GroupedGRUCell, GroupedLinear, Grou
                                 dropout_keep_mask, grouped_clip_grad_norm_, member_generators)
 from trajrep.kinds import build_head, head_kinds
 from trajrep.nn.probes import (ContinuousTransformerHead, GRUHead, MeanHead, MLPHead, TransformerHead, WeightedHead,
-                               clip_grad_norm_per_member_, per_member_loss, random_time_subset, split_logits)
+                               clip_grad_norm_per_member_, member_losses, random_time_subset)
 
 # The equivalence grid: 2 learning rates x 2 seeds = 4 members, float64, dropout 0 (masks cannot be matched).
 LRS, SEEDS = (1e-2, 3e-3), (0, 1)
@@ -55,7 +55,7 @@ def train_grouped(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
     for epoch, rows in steps():
         index = torch.stack([order[epoch][rows] for order in orders])
         optimizer.zero_grad()
-        per_member_loss(head(x[index]), y[index], [C]).sum().backward()
+        member_losses(head(x[index]), y[index]).sum().backward()
         clipped |= bool((clip_grad_norm_per_member_(head, MAX_NORM) > MAX_NORM).any())
         optimizer.step()
     return clipped
@@ -265,7 +265,7 @@ def test_continuous_head_runs_on_unseen_times():
         assert (subset.diff() > 0).all()
         x, y = torch.randn(2, 4, 3, D_IN), torch.randint(0, C, (2, 4))
         optimizer.zero_grad()
-        per_member_loss(head(x[:, :, subset], train_t[subset]), y, [C]).sum().backward()
+        member_losses(head(x[:, :, subset], train_t[subset]), y).sum().backward()
         optimizer.step()
     head.eval()
     logits, attention = head(torch.randn(5, 2, D_IN), torch.tensor([0.25, 0.75]), return_attention=True)
@@ -292,30 +292,20 @@ def test_clipping_is_per_member():
 
 
 @pytest.mark.parametrize("kind", sorted(head_kinds()))
-def test_every_head_gives_multitask_logits_per_member(kind):
-    num_classes = [3, 1, 2]  # two softmax tasks and one binary attribute
+def test_every_head_gives_each_member_logits_that_its_own_loss_trains(kind):
     extra = dict(time_index=[0, 2]) if kind in ("mlp", "linear") else {}
     if kind in ("transformer", "continuous"):
         extra.update(d_model=16, ffn_dim=24)
-    head = build_head(kind, num_members=2, feature_dim=D_IN, num_times=T, num_classes=num_classes,
-                      seeds=[0, 1], **extra)
+    head = build_head(kind, num_members=2, feature_dim=D_IN, num_times=T, num_classes=[3], seeds=[0, 1], **extra)
     x, t = torch.randn(2, 4, T, D_IN), torch.linspace(0, 1, T)
     logits = head(x, t)
-    assert logits.shape == (2, 4, 6)
-    labels = torch.stack([torch.randint(0, 3, (2, 4)), torch.randint(0, 2, (2, 4)), torch.randint(0, 2, (2, 4))], -1)
-    loss = per_member_loss(logits, labels, num_classes)
-    assert loss.shape == (2,)
+    assert logits.shape == (2, 4, 3)
+    labels = torch.randint(0, 3, (2, 4))
+    loss = member_losses(logits, labels)
+    expected = torch.stack([F.cross_entropy(logits[g], labels[g]) for g in range(2)])
+    torch.testing.assert_close(loss, expected)
     loss.sum().backward()
     assert all(p.grad is not None for p in head.parameters())
-
-
-def test_per_member_loss_sums_tasks():
-    logits, labels = torch.randn(2, 4, 5), torch.stack([torch.randint(0, 3, (2, 4)), torch.randint(0, 2, (2, 4))], -1)
-    first, second = split_logits(logits, [3, 2])
-    assert first.shape == (2, 4, 3) and second.shape == (2, 4, 2)
-    expected = torch.stack([F.cross_entropy(first[g], labels[g, :, 0]) + F.cross_entropy(second[g], labels[g, :, 1])
-                            for g in range(2)])
-    torch.testing.assert_close(per_member_loss(logits, labels, [3, 2]), expected)
 
 
 def test_dropout_masks_differ_between_members():

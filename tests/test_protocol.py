@@ -1,8 +1,6 @@
 """The probe protocol's instruments: standardised inputs, the replicated-best-t control, the linear and kNN
 probes, convergence evidence in summaries and tables, and the calibrated untrained control."""
 
-import pathlib
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -25,7 +25,7 @@ from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
 from trajrep.kinds import build_head, head_kinds, kind_of
-from trajrep.nn.probes import clip_grad_norm_per_member_, random_time_subset
+from trajrep.nn.probes import clip_grad_norm_per_member_, member_losses, random_time_subset
 from trajrep.progress import Ticker, duration
 from trajrep.results import refuse_replacing, result_path, settings_digest, write_results
 from trajrep.selection import best_epochs, summarise
@@ -280,13 +280,13 @@ class ProbeModule(pl.LightningModule):
             if subset is not None:
                 inputs = inputs[:, :, subset]
             logits = self._mask_logits(head(inputs, t), part)
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-            summed = loss.mean(1).sum()  # the sum keeps every member's gradient its own
+            loss = member_losses(logits, labels)
+            summed = loss.sum()  # the sum keeps every member's gradient its own
             if one_backward:
                 pending.append(summed)
             else:
                 backward(summed)
-            losses.append(loss.detach().mean(1))
+            losses.append(loss.detach())
         if pending:
             backward(torch.stack(pending).sum())
         if self.grad_clip is not None:

@@ -3,7 +3,7 @@
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +16,9 @@ from trajrep.errors import TrajrepError
 from trajrep.progress import with_progress
 from trajrep.similarity import linear_cka
 from trajrep.timegrid import build_time_grid, select_times
+
+if TYPE_CHECKING:
+    from trajrep.denoiser import Backbone
 
 STAGES = ("train", "val", "test")
 

@@ -3,7 +3,7 @@
 Every head maps x of shape (G, B, T, d) - member g's own batch over the T cached times - to logits
 (G, B, sum(num_classes)); a (B, T, d) batch is shared by all members (evaluation). Member g is initialised from
 `seeds[g]` alone, so the grid (lr x seed, or lr x seed x t for the per-t MLP) is G independent probes.
-Train with `per_member_loss(...).sum()`, `clip_grad_norm_per_member_` and `GroupedAdam`. trajrep.kinds registers
+Train with `member_losses(...).sum()`, `clip_grad_norm_per_member_` and `GroupedAdam`. trajrep.kinds registers
 each head as a probe kind.
 """
 
@@ -21,42 +21,10 @@ from trajrep.nn.grouped import (GroupedGRUCell, GroupedLinear, GroupedMLP, Group
                                 grouped_clip_grad_norm_, member_generators)
 
 
-def split_logits(logits: Tensor, num_classes: Sequence[int]) -> list[Tensor]:
-    """Per-task views of multi-task logits (..., sum(num_classes)); a task of width 1 is one binary logit."""
-    return list(logits.split(list(num_classes), dim=-1))
-
-
-def _task_labels(labels: Tensor, logits: Tensor, num_tasks: int) -> list[Tensor]:
-    """Labels (G, B) for one task or (G, B, K) for K tasks -> K tensors (G, B)."""
-    if labels.dim() == logits.dim() - 1:
-        labels = labels.unsqueeze(-1)
-    if labels.shape[:-1] != logits.shape[:-1] or labels.shape[-1] != num_tasks:
-        raise ValueError(f"labels {tuple(labels.shape)} do not fit logits {tuple(logits.shape)} with {num_tasks} tasks")
-    return list(labels.unbind(-1))
-
-
-def per_member_loss(logits: Tensor, labels: Tensor, num_classes: Sequence[int]) -> Tensor:
-    """Sum over tasks of the batch-mean loss, per member: (G,). Backpropagate its SUM, so members stay independent.
-
-    Softmax cross-entropy per task; a task with one logit (a binary attribute) uses the logistic loss.
-    """
-    total = logits.new_zeros(logits.shape[0])
-    for task_logits, task_labels in zip(split_logits(logits, num_classes),
-                                        _task_labels(labels, logits, len(num_classes))):
-        if task_logits.shape[-1] == 1:
-            losses = F.binary_cross_entropy_with_logits(task_logits.squeeze(-1), task_labels.to(task_logits.dtype),
-                                                        reduction="none")
-        else:
-            losses = F.cross_entropy(task_logits.flatten(0, -2), task_labels.flatten().long(),
-                                     reduction="none").view(task_labels.shape)
-        total = total + losses.flatten(1).mean(dim=1)
-    return total
-
-
-def task_predictions(logits: Tensor, num_classes: Sequence[int]) -> Tensor:
-    """Predicted label per task, (G, B, K): argmax per task, or logit > 0 for a one-logit task."""
-    return torch.stack([part.squeeze(-1).gt(0).long() if part.shape[-1] == 1 else part.argmax(dim=-1)
-                        for part in split_logits(logits, num_classes)], dim=-1)
+def member_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Each member's batch-mean cross-entropy, (G,), from logits (G, B, C) and labels (G, B). Backpropagate their
+    SUM: every member then keeps its own gradient."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
 
 
 def clip_grad_norm_per_member_(module: "ProbeHead", max_norm: float) -> Tensor:
