@@ -1,4 +1,4 @@
-"""The score U-Net's shape and initialisation follow the reference NCSN++ (SPEC §4): latent bottleneck, near-zero
+"""The score U-Net's shape and initialisation follow the reference NCSN++ (method §4): latent bottleneck, near-zero
 closing layers, one attention per up level, learnt skips on resampling blocks."""
 
 import math
@@ -12,7 +12,7 @@ from trajrep.pretrain import PretrainModule
 
 LATENT = 8
 TINY = dict(nf=4, num_res_blocks=1, dropout=0.0)
-# Sizes the data modules serve and the ch_mult used there (SPEC §4); 28 px is not a multiple of 8, so it gets the
+# Sizes the data modules serve and the ch_mult used there (method §4); 28 px is not a multiple of 8, so it gets the
 # three-level ch_mult that halves it twice (28 -> 14 -> 7).
 SIZES = [(28, (1, 2, 2), (14,)), (32, (1, 2, 2, 2), (16,)), (64, (1, 2, 2), (16,)), (84, (1, 2, 2), (21,))]
 CIFAR = dict(image_channels=3, image_size=32, latent_dim=128, nf=16, ch_mult=(1, 2, 2, 2), num_res_blocks=2,

@@ -18,7 +18,8 @@ class Kind:
     preset starts its stage from. `single_time`: every t of the grid gets its own probes, and the t is chosen on
     validation (the head is a SingleTimeHead). A `mixer` is learned over every t: its gradients are clipped at 1
     (method §7) and the table reports its difference to the best single t. `attention`: the head returns attention
-    over t, which the probe exports and the masking ablation reads. `cpu_chunk`: members trained per chunk on a
+    over t: the probe exports it and runs the masking ablation (the report and the analyses read the
+    Transformer's). `cpu_chunk`: members trained per chunk on a
     CPU (None: the whole grid at once)."""
 
     head: type | str | None

@@ -121,8 +121,7 @@ class Preset:
     pretrain_args: list[str] = field(default_factory=list)
     grids: list[int] = field(default_factory=lambda: [10])
     cache: dict = field(default_factory=dict)
-    probes: list[str] = field(default_factory=lambda: ["mlp", "linear", "knn", "concat", "mean", "weighted", "gru",
-                                                        "transformer", "continuous"])
+    probes: list[str] = field(default_factory=lambda: list(KINDS))  # every registered kind
     probe_args: list[str] = field(default_factory=list)
     probe_kind_args: dict[str, list[str]] = field(default_factory=dict)
     pixel_probe_args: dict[str, list[str]] = field(default_factory=dict)

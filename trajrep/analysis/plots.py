@@ -71,9 +71,10 @@ def plot_accuracy_vs_t(collected: Collected, path: Path) -> None:
         stds = 100 * np.array([std or 0.0 for _, std in stats_at])
         ax.plot(times, means, "o-", color="black", label="MLP at t")
         ax.fill_between(times, means - stds, means + stds, color="black", alpha=0.15)
-        references = [column for column in (*mixer_columns(), "concat", "transformer-replicated")
-                      if collected.cells[row].get(column)]
+        references = (*mixer_columns(), "concat", "transformer-replicated")  # each keeps its colour in every panel
         for column, colour in zip(references, plt.get_cmap("tab10").colors):
+            if not collected.cells[row].get(column):
+                continue
             ax.axhline(100 * np.mean(list(collected.cells[row][column].values())), color=colour, ls="--",
                        label=columns()[column])
         ax.set_ylabel("test accuracy (%)")
