@@ -15,8 +15,9 @@ import numpy as np
 
 from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
-from trajrep.pretrain import PretrainModule
-from trajrep.probe import ProbeModule
+from trajrep.extract import build_cache
+from trajrep.pretrain.module import PretrainModule
+from trajrep.probe.module import ProbeModule
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -38,7 +39,7 @@ def probe(checkpoint: Path, dtype: str, cache_dir: Path, epochs: int) -> tuple[i
     """(bytes of the cache's arrays, the MLP grid's member records) for one cache dtype."""
     data = RepresentationDataModule(str(checkpoint), images(), granularities=[10], dtype=dtype,
                                     cache_dir=str(cache_dir), seeds=[0, 1, 2])
-    data.prepare_data()
+    build_cache(data)
     size = sum(path.stat().st_size for path in data.cache_path.glob("**/*.npy"))
     pl.seed_everything(0)
     module = ProbeModule(kind="mlp", learning_rates=[1e-3], seeds=data.seeds, num_classes=data.num_classes,

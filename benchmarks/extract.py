@@ -16,7 +16,7 @@ import torch
 
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.extract import CPU_PASS_SIZE, extract_representations
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.module import PretrainModule
 from trajrep.timegrid import build_time_grid
 
 from common import best_seconds  # benchmarks/common.py

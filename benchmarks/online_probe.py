@@ -17,8 +17,8 @@ import lightning.pytorch as pl
 import torch
 
 from trajrep.data import FashionMNIST, SyntheticShapes
-from trajrep.online_probe import OnlineProbe, subset_sizes
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.online_probe import OnlineProbe, subset_sizes
+from trajrep.pretrain.module import PretrainModule
 
 from common import best_seconds  # benchmarks/common.py
 from pretrain import PRESETS, StepClock  # benchmarks/pretrain.py

@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from trajrep.data.synthetic import SyntheticShapes
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.module import PretrainModule
 
 from common import matmul_peak, synchronize  # benchmarks/common.py
 

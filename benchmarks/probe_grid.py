@@ -2,7 +2,7 @@
 
 Vectorised: trajrep's ProbeModule, the whole grid as one model, through Lightning. Sequential: the original
 protocol done plainly, one model, optimizer and shuffled DataLoader per configuration, pure PyTorch. Same data
-(class-dependent Gaussian representations, generated here), same epochs, same selection (trajrep.selection),
+(class-dependent Gaussian representations, generated here), same epochs, same selection (trajrep.probe.selection),
 both in this run. Also measures a matmul peak, the FLOP/s of each vectorised training step, and
 the ceiling on the ratio that the sequential side's own FLOP rate implies.
 
@@ -24,9 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trajrep.data.representations import ProbeData
 from trajrep.nn.probes import sinusoidal_encoding
-from trajrep.kinds import kind_of
-from trajrep.probe import PAPER_LEARNING_RATES, ProbeModule
-from trajrep.selection import best_epochs, summarise
+from trajrep.probe.kinds import kind_of
+from trajrep.probe.module import PAPER_LEARNING_RATES, ProbeModule
+from trajrep.probe.selection import best_epochs, summarise
 
 from common import best_seconds, matmul_peak  # benchmarks/common.py
 
@@ -156,7 +156,8 @@ def training_step(kind: str, data: dict, times: list[float], member_chunk: int |
 
 
 def chunk_sweep(kinds: list[str], data: dict, times: list[float]) -> None:
-    """Training-step time of each kind's grid against the members per chunk (for its cpu_chunk in trajrep.kinds)."""
+    """Training-step time of each kind's grid against the members per chunk (for its cpu_chunk in
+    trajrep.probe.kinds)."""
     for kind in kinds:
         members = len(PAPER_LEARNING_RATES) * len(SEEDS) * (len(times) if kind == "mlp" else 1)
         for chunk in sorted({members, 64, 32, 16, 10, 6, 3} - {c for c in (64, 32, 16) if c >= members}):
@@ -206,7 +207,8 @@ def main() -> None:
     parser.add_argument("--times", type=int, default=11)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--train", type=int, default=4500, help="training representations")
-    parser.add_argument("--member-chunk", type=int, default=None, help="default: the kind's cpu_chunk (trajrep.kinds)")
+    parser.add_argument("--member-chunk", type=int, default=None,
+                        help="default: the kind's cpu_chunk (trajrep.probe.kinds)")
     parser.add_argument("--chunks", action="store_true", help="only sweep the members per chunk")
     args = parser.parse_args()
     times = [i / (args.times - 1) for i in range(args.times)]

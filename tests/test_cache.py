@@ -11,13 +11,14 @@ from PIL import Image
 
 from conftest import QUICKSTART, REPO
 from trajrep.cli import main
+from trajrep.lightning_cli import build_cli
 from trajrep.data import ImageFolder
 from trajrep.data.cache import FORMAT_VERSION, RepresentationCache
 from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.errors import TrajrepError
-from trajrep.extract import CacheRowWriter, Extractor, load_pretrained_model, load_pretrained_weights
-from trajrep.pretrain import PretrainModule
+from trajrep.extract import CacheRowWriter, Extractor, build_cache, load_pretrained_model, load_pretrained_weights
+from trajrep.pretrain.module import PretrainModule
 
 TINY_DATA = ["--data.init_args.num_train=64", "--data.init_args.num_test=48"]
 TINY_MODEL = ["--model.init_args.nf=8", "--model.init_args.widen_factor=0.125"]
@@ -180,13 +181,16 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "missing.ckpt does not exist" in err and "Traceback" not in err
 
 
-def test_datamodule_sizes_known_at_init_and_cache_built_on_first_use(tiny_checkpoint, tmp_path):
+def test_datamodule_reads_a_cache_that_the_extraction_stage_builds(tiny_checkpoint, tmp_path):
     data = RepresentationDataModule(str(tiny_checkpoint), SyntheticShapes(num_train=64, num_test=48),
                                     granularities=[4], probe_times=[0.25, 0.75], cache_dir=str(tmp_path),
                                     extract_batch_size=32, val_fraction=0.25, standardize=False)
-    assert (data.feature_dim, data.num_times, data.num_classes) == (8, 2, [9, 9, 16, 5])
-    assert not data.cache_path.exists()
-    data.prepare_data()
+    assert (data.num_times, data.num_classes) == (2, [9, 9, 16, 5])
+    assert not data.cache_path.exists() and not data.cache_ready
+    with pytest.raises(TrajrepError, match="is not built yet.*build_cache"):
+        data.probe_spec
+    build_cache(data)
+    assert data.feature_dim == 8 and data.probe_spec["feature_dim"] == 8
     train_x, train_y = data.tensors("train")
     val_x, _ = data.tensors("val")
     test_x, test_y = data.tensors("test")
@@ -210,3 +214,46 @@ def test_ddp_extraction_equals_single_process_bit_for_bit(cache, tiny_checkpoint
     for split in ("train", "test"):
         np.testing.assert_array_equal(single.representations(split, [0, 1, 2]), ddp.representations(split, [0, 1, 2]))
         np.testing.assert_array_equal(single.labels(split), ddp.labels(split))
+
+
+@pytest.mark.slow
+def test_a_probe_command_extracts_a_missing_cache_with_its_own_devices_and_strategy_in_full_precision(
+        cache, tiny_checkpoint, tmp_path, monkeypatch):
+    import trajrep.extract
+
+    used, write_cache = [], trajrep.extract.write_cache
+
+    def noting_the_trainer(trainer, *args, **kwargs):
+        used.append((trainer.num_devices, type(trainer.strategy).__name__, trainer.precision))
+        return write_cache(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(trajrep.extract, "write_cache", noting_the_trainer)
+    images = {"class_path": "SyntheticShapes", "init_args": {"num_train": 64, "num_test": 48}}
+    cli = build_cli(["--config", str(REPO / "configs" / "probe" / "linear.yaml"),
+                     "--data=RepresentationDataModule", f"--data.checkpoint={tiny_checkpoint}",
+                     f"--data.images={json.dumps(images)}", "--data.granularities=[2]", f"--data.cache_dir={tmp_path}",
+                     "--data.extract_batch_size=16", "--trainer.accelerator=cpu", "--trainer.devices=2",
+                     "--trainer.strategy=ddp_spawn", "--trainer.precision=bf16-mixed", "--trainer.logger=false",
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"], run=False)
+    assert used == [(2, "DDPStrategy", "32-true")]
+    assert cli.datamodule.cache_path.name == cache.name and cli.model.hparams.feature_dim == 8
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(RepresentationCache(cli.datamodule.cache_path).representations(split, [0, 2]),
+                                      RepresentationCache(cache).representations(split, [0, 2]))
+
+
+def test_extraction_under_mixed_precision_writes_the_full_precision_cache_and_half_weights_are_refused(
+        cache, tiny_checkpoint, tmp_path, capsys):
+    path = extract(tiny_checkpoint, tmp_path / "mixed", "--trainer.precision=bf16-mixed")
+    assert path.name == cache.name
+    np.testing.assert_array_equal(RepresentationCache(path).representations("test", [0, 1, 2]),
+                                  RepresentationCache(cache).representations("test", [0, 1, 2]))
+    with pytest.raises(SystemExit):
+        extract(tiny_checkpoint, tmp_path / "half", "--trainer.precision=bf16-true")
+    assert "pass --trainer.precision=32-true" in capsys.readouterr().err
+
+
+def test_checkpoints_name_the_model_by_the_path_they_had_before_the_pretrain_package(tiny_checkpoint):
+    # The CLI rebuilds the model from the recorded path (--ckpt_path), so older checkpoints must keep resolving.
+    assert torch.load(tiny_checkpoint, weights_only=True)["hyper_parameters"]["_class_path"] == \
+        "trajrep.pretrain.PretrainModule"

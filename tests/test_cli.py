@@ -15,8 +15,8 @@ from conftest import QUICKSTART, fake_cifar, tiny_fit_args
 import trajrep.lightning_cli
 from trajrep.cli import main
 from trajrep.errors import TrajrepError
-from trajrep.pretrain import PretrainModule
-from trajrep.probe import ProbeModule
+from trajrep.pretrain.module import PretrainModule
+from trajrep.probe.module import ProbeModule
 from trajrep.threads import available_cpus
 
 # Every runnable config; configs/**/data/ holds datamodule fragments that the probe configs include,
@@ -66,7 +66,7 @@ def test_probe_kind_help_names_the_heads_and_an_unknown_kind_is_refused_with_the
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "ProbeModule"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--model.kind KIND the head, a kind of trajrep.kinds: mlp or linear" in help_text
+    assert "--model.kind KIND the head, a kind of trajrep.probe.kinds: mlp or linear" in help_text
     with pytest.raises(TrajrepError, match="unknown probe head 'lstm'; valid kinds: concat, continuous, gru, linear"):
         ProbeModule(kind="lstm")
 

@@ -17,14 +17,14 @@ from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.denoiser import DiffusersBackbone, draw_noise, list_layers, load_backbone
 from trajrep.errors import TrajrepError
-from trajrep.extract import load_pretrained_model
+from trajrep.extract import build_cache, load_pretrained_model
 from trajrep.analysis.collect import collect, table_rows
 from trajrep.analysis.report import report
 from trajrep.reproduce import Preset, Reproduction, check_preset, load_preset
 from trajrep.reproduce import main as reproduce_main
-from trajrep.results import read_results, write_results
-import trajrep.results
-from trajrep.selection import summarise
+from trajrep.probe.records import read_results, write_results
+import trajrep.probe.records
+from trajrep.probe.selection import summarise
 
 TINY_DATA = ["--data.init_args.num_train=64", "--data.init_args.num_test=48"]
 TINY_MODEL = ["--model.init_args.nf=8", "--model.init_args.widen_factor=0.125"]
@@ -189,11 +189,11 @@ def probe_record(folder: pathlib.Path, kind: str, seed: int, accuracies: dict, *
 
 def test_the_table_names_the_code_revision_of_its_records_and_warns_when_they_mix(tmp_path, monkeypatch):
     probes = tmp_path / "probes"
-    monkeypatch.setattr(trajrep.results, "_REVISION", "aaa111")
+    monkeypatch.setattr(trajrep.probe.records, "_REVISION", "aaa111")
     probe_record(probes / "stem", "mlp", 0, {0.0: (0.6, 0.6)}, layer="stem")
     report(probes, tmp_path)
     assert "Every record comes from code revision aaa111." in (tmp_path / "table.md").read_text()
-    monkeypatch.setattr(trajrep.results, "_REVISION", "bbb222+dirty")
+    monkeypatch.setattr(trajrep.probe.records, "_REVISION", "bbb222+dirty")
     probe_record(probes / "up.2", "mlp", 0, {0.0: (0.6, 0.6)}, layer="up.2")
     report(probes, tmp_path)
     assert ("Warning: the records come from 2 code revisions: aaa111 (1 result file), bbb222+dirty (1 result "
@@ -345,13 +345,14 @@ def test_diffusers_features_feed_a_probe_and_a_bad_folder_is_a_clear_error(tmp_p
     data = RepresentationDataModule(str(tmp_path / "ddpm"), images, source="denoiser",
                                     blocks=["down_blocks.1", "mid_block"], layer="mid_block", granularities=[2],
                                     cache_dir=str(tmp_path / "cache"), seeds=[0])
-    data.prepare_data()
+    build_cache(data)
     x, _ = data.tensors("train")
     assert x.shape == (58, 3, 16) and data.metadata["backbone"]["timesteps"] == [0, 500, 999]
     assert "sde" not in data.metadata  # no VE SDE: the continuous head keeps its own
     with pytest.raises(TrajrepError, match="no feature-map block.*down_blocks.9.*mid_block"):
-        RepresentationDataModule(str(tmp_path / "ddpm"), images, source="denoiser", blocks=["down_blocks.9"],
-                                 granularities=[2], cache_dir=str(tmp_path / "cache"))
+        build_cache(RepresentationDataModule(str(tmp_path / "ddpm"), images, source="denoiser",
+                                             blocks=["down_blocks.9"], granularities=[2],
+                                             cache_dir=str(tmp_path / "cache")))
     (tmp_path / "ddpm" / "scheduler_config.json").unlink()
     with pytest.raises(TrajrepError, match="scheduler_config.json"):
         load_backbone(tmp_path / "ddpm")

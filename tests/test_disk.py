@@ -14,7 +14,7 @@ from trajrep import disk
 from trajrep.cli import main
 from trajrep.data.cache import CacheWriter
 from trajrep.errors import TrajrepError
-from trajrep.results import read_results, write_results
+from trajrep.probe.records import read_results, write_results
 
 Usage = namedtuple("Usage", "total used free")
 

@@ -5,9 +5,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from trajrep.callbacks import EMA
+from trajrep.pretrain.ema import EMA
 from trajrep.data.synthetic import SyntheticShapes
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.module import PretrainModule
 
 SIZES = dict(encoder_depth=10, widen_factor=0.25, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
              dropout=0.0, warmup_steps=1, lr=1e-3)  # no dropout: a compiled graph draws its masks differently

@@ -2,6 +2,7 @@
 weights_only=True, and a non-finite loss stops training without touching the last good checkpoint."""
 
 import ast
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from conftest import REPO, tiny_fit_args
 from trajrep.cli import main
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.module import PretrainModule
 
 SOURCES = sorted((REPO / "trajrep").rglob("*.py")) + sorted((REPO / "benchmarks").rglob("*.py"))
 
@@ -91,7 +92,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
 def test_the_recorded_revision_is_the_one_the_process_started_from(monkeypatch):
     import subprocess
 
-    from trajrep import results
+    from trajrep.probe import records as results
 
     started = results.git_revision()
     assert started is None or len(started.removesuffix("+dirty")) == 40
@@ -101,3 +102,25 @@ def test_the_recorded_revision_is_the_one_the_process_started_from(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", moved_on)
     assert results.git_revision() == started
+
+
+def test_committed_result_files_keep_their_names_after_the_probe_modules_moved():
+    """A result file's name carries the digest of its settings, the module's class path among them; records written
+    before the probe package must get the same digest from the class path the CLI records today."""
+    from trajrep.probe.records import result_settings_digest
+
+    moved = {"trajrep.probe.ProbeModule": "trajrep.probe.ProbeModule",  # the package exposes it
+             "trajrep.knn.KNNProbe": "trajrep.probe.knn.KNNProbe"}
+    checked = 0
+    for path in sorted(REPO.glob("results/*/probes/**/*.json")):
+        context = json.loads(path.read_text())["context"]
+        model = context["config"]["model"]
+        if model.get("_class_path") not in moved or context.get("epochs") is None:
+            continue
+        digest = path.stem.rsplit("-", 1)[1]
+        if len(digest) != 8 or digest == context.get("cache_key"):  # older names carry no digest
+            continue
+        today = {**model, "_class_path": moved[model["_class_path"]]}
+        assert result_settings_digest(today, context["config"]["data"], context["epochs"]) == digest, path
+        checked += 1
+    assert checked > 0

@@ -1,15 +1,15 @@
-"""A probe kind is one registry entry (trajrep.kinds): registered there, it runs through the CLI, a preset and the
+"""A probe kind is one registry entry (trajrep.probe.kinds): registered there, it runs through the CLI, a preset and the
 report without any other file naming it."""
 
 import pytest
 import yaml
 
 from conftest import REPO
-from trajrep.kinds import KINDS, Kind, single_time_kinds
+from trajrep.probe.kinds import KINDS, Kind, single_time_kinds
 from trajrep.nn.probes import MeanHead, SingleTimeHead
 from trajrep.analysis.collect import columns, differences
 from trajrep.reproduce import main as reproduce_main
-from trajrep.results import read_results
+from trajrep.probe.records import read_results
 
 
 class MaxHead(MeanHead):

@@ -14,9 +14,9 @@ from test_resume import weights
 from trajrep.cli import main
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.errors import TrajrepError
-from trajrep.online_probe import (OnlineProbe, accuracy_name, between_image_fraction, ridge_probe_accuracy,
+from trajrep.pretrain.online_probe import (OnlineProbe, accuracy_name, between_image_fraction, ridge_probe_accuracy,
                                   split_accuracy_name, subset_sizes)
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.module import PretrainModule
 
 TINY = dict(image_channels=3, image_size=32, encoder_depth=10, widen_factor=0.125, nf=8, ch_mult=(1, 2, 2),
             num_res_blocks=1, attn_resolutions=(8,), warmup_steps=1)

@@ -8,7 +8,7 @@ from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.encoder import TimeConditionedWRN, stage_widths
 from trajrep.nn.unet import ScoreUNet
-from trajrep.pretrain import PretrainModule, dsm_loss, gaussian_kl
+from trajrep.pretrain.module import PretrainModule, dsm_loss, gaussian_kl
 
 TINY = dict(image_channels=3, image_size=16, encoder_depth=10, widen_factor=0.25, nf=8, ch_mult=(1, 2),
             num_res_blocks=1, attn_resolutions=(8,), warmup_steps=1)

@@ -12,10 +12,12 @@ from trajrep.cli import main
 from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.errors import TrajrepError
-from trajrep.kinds import head_kinds
-from trajrep.probe import ProbeModule
-from trajrep.results import read_results
-from trajrep.selection import best_epochs, summarise
+from trajrep.extract import build_cache
+from trajrep.probe.kinds import head_kinds
+from trajrep.probe.evaluation import masked_test_accuracy
+from trajrep.probe.module import ProbeModule
+from trajrep.probe.records import read_results
+from trajrep.probe.selection import best_epochs, summarise
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +162,7 @@ def learnable_data(tiny_checkpoint, tmp_path_factory):
     data = RepresentationDataModule(str(tiny_checkpoint), SyntheticShapes(num_train=1000, num_test=300),
                                     granularities=[4], probe_times=[0.0, 0.5, 1.0], seeds=[0, 1], batch_size=64,
                                     cache_dir=str(tmp_path_factory.mktemp("cache")))
-    data.prepare_data()
+    build_cache(data)
     return data
 
 
@@ -289,7 +291,7 @@ def test_masking_ablation_finds_the_one_informative_time(tmp_path):
                          head_kwargs={"d_model": 16, "ffn_dim": 32, "dropout": 0.0})
     pl.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                default_root_dir=tmp_path).fit(module, datamodule=data)
-    masked = {name: values[0] for name, values in module.masked_test_accuracy().items()}
+    masked = {name: values[0] for name, values in masked_test_accuracy(module).items()}
     assert masked["full"][0] > 0.9
     assert masked["drop"][0] < 0.7 and min(masked["drop"][1:]) > 0.85  # tokens 1, 2 and the CLS key
     assert masked["keep_only"][0] > 0.9 and max(masked["keep_only"][1:]) < 0.7

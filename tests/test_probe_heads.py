@@ -10,7 +10,7 @@ from torch import nn
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import (GroupedAdam, GroupedGRUCell, GroupedLinear, GroupedMLP, dropout,
                                 dropout_keep_mask, grouped_clip_grad_norm_, member_generators)
-from trajrep.kinds import build_head, head_kinds
+from trajrep.probe.kinds import build_head, head_kinds
 from trajrep.nn.probes import (ContinuousTransformerHead, GRUHead, MeanHead, MLPHead, TransformerHead, WeightedHead,
                                clip_grad_norm_per_member_, member_losses, random_time_subset)
 

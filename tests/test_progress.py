@@ -13,7 +13,7 @@ from test_online_probe import TINY
 from trajrep.cli import main
 from trajrep.lightning_cli import build_cli
 from trajrep.data.synthetic import SyntheticShapes
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.module import PretrainModule
 import trajrep.analysis.mi as mine_module
 from trajrep.progress import ProgressLog, Ticker, duration
 from trajrep.quiet import HARMLESS_WARNINGS

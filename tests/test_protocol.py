@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from conftest import REPO
 from trajrep.cli import main
 from trajrep.data.representations import ProbeData
-from trajrep.knn import knn_predict
+from trajrep.probe.knn import knn_predict
 from trajrep.nn.probes import LinearHead
-from trajrep.online_probe import between_image_fraction
+from trajrep.pretrain.online_probe import between_image_fraction
 from trajrep.analysis.report import report
-from trajrep.results import read_results
-from trajrep.selection import summarise
+from trajrep.probe.records import read_results
+from trajrep.probe.selection import summarise
 
 
 def stages(shift: float = 0.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -136,8 +136,8 @@ def test_report_warns_under_the_table_when_probes_did_not_converge(tmp_path, tin
 
 def test_calibrated_untrained_control_has_features_that_vary_between_images():
     from trajrep.data.synthetic import SyntheticShapes
-    from trajrep.pretrain import PretrainModule
-    from trajrep.pretrain import calibrate_untrained
+    from trajrep.pretrain.module import PretrainModule
+    from trajrep.pretrain.module import calibrate_untrained
 
     torch.manual_seed(0)
     images = SyntheticShapes(num_train=256, num_test=64)

@@ -26,7 +26,7 @@ import trajrep.reproduce
 from trajrep.launch import run_inline
 from trajrep.reproduce import Encoder, Reproduction, load_preset
 from trajrep.reproduce import main as reproduce_main
-from trajrep.results import read_results
+from trajrep.probe.records import read_results
 
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
 # What an encoder's row of the smoke preset has: every kind, and the replicated controls it runs.

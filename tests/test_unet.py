@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from trajrep.nn.unet import ResBlock, ScoreUNet, SelfAttention, variance_scaling_
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.module import PretrainModule
 
 LATENT = 8
 TINY = dict(nf=4, num_res_blocks=1, dropout=0.0)

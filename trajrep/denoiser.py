@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from trajrep.data.base import ImageDataModule
-from trajrep.data.cache import tensor_digest
+from trajrep.data.identity import (DIFFUSERS_MODEL, DIFFUSERS_SCHEDULER, ddpm_timesteps, denoiser_identity,
+                                   diffusers_backbone, diffusers_folders, refuse_ema_of_a_folder,
+                                   trajrep_backbone)
 from trajrep.errors import TrajrepError
-from trajrep.extract import SPLITS, ExtractionData, load_pretrained_model, write_cache
-from trajrep.pretrain import PretrainModule
+from trajrep.extract import SPLITS, ExtractionData, full_precision, load_pretrained_model, write_cache
+from trajrep.pretrain.module import PretrainModule
 
 
 class Backbone(ABC):
@@ -79,11 +81,8 @@ class TrajrepBackbone(Backbone):
 
     def describe(self, times: list[float]) -> dict:
         sde = self.model.sde
-        return {"backbone": "trajrep", "mode": self.model.hparams.mode,
-                "latent": "zero" if self.model.latent_dim else None,
-                "weights_sha256": tensor_digest(self.network.state_dict()),
-                "sde": {"sigma_min": sde.sigma_min, "sigma_max": sde.sigma_max},
-                "sigmas": sde.log_sigma(torch.tensor(times)).exp().tolist()}
+        return trajrep_backbone(self.network.state_dict(), self.model.hparams.mode, (sde.sigma_min, sde.sigma_max),
+                                times)
 
     def image_shape(self) -> tuple[int, int, int]:
         size = self.model.hparams.image_size
@@ -98,8 +97,7 @@ class DiffusersBackbone(Backbone):
         self.network, self.scheduler, self.source = unet, scheduler, source
 
     def timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        steps = self.scheduler.config.num_train_timesteps
-        return torch.round(t.float() * (steps - 1)).long()
+        return ddpm_timesteps(t, self.scheduler.config.num_train_timesteps)
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return images_uint8.float() / 127.5 - 1.0
@@ -111,14 +109,7 @@ class DiffusersBackbone(Backbone):
         return self.network(x_t, self.timesteps(t).to(x_t.device))
 
     def describe(self, times: list[float]) -> dict:
-        config = self.scheduler.config
-        return {"backbone": "diffusers", "source": self.source, "class": type(self.network).__name__,
-                "weights_sha256": tensor_digest(self.network.state_dict()),
-                "scheduler": {"class": type(self.scheduler).__name__,
-                              "num_train_timesteps": config.num_train_timesteps,
-                              "beta_schedule": config.beta_schedule, "beta_start": config.beta_start,
-                              "beta_end": config.beta_end},
-                "timesteps": self.timesteps(torch.tensor(times)).tolist()}
+        return diffusers_backbone(Path(self.source), times)  # from its files, as the probe side reads it
 
     def image_shape(self) -> tuple[int, int, int]:
         config = self.network.config
@@ -136,20 +127,15 @@ def load_backbone(path: str | Path, ema: bool = False, images: ImageDataModule |
     if not path.is_dir():
         raise TrajrepError(f"backbone {path} does not exist; give a trajrep checkpoint (.ckpt) or a diffusers model "
                            "folder (e.g. google/ddpm-cifar10-32 downloaded with huggingface-cli)")
-    if ema:
-        raise TrajrepError("ema: true reads a trajrep checkpoint's EMA weights; a diffusers folder holds one set")
+    refuse_ema_of_a_folder(ema)
     try:
-        from diffusers import DDPMScheduler, UNet2DModel
+        import diffusers
     except ImportError:
         raise TrajrepError("a diffusers backbone needs the diffusers package: pip install 'trajrep[diffusers]'"
                            ) from None
-    model_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
-    scheduler_dir = path / "scheduler" if (path / "scheduler" / "scheduler_config.json").is_file() else path
-    if not (model_dir / "config.json").is_file() or not (scheduler_dir / "scheduler_config.json").is_file():
-        raise TrajrepError(f"{path} is not a diffusers model folder: it needs config.json (or unet/config.json) and "
-                           "scheduler_config.json (or scheduler/scheduler_config.json)")
-    unet = UNet2DModel.from_pretrained(model_dir).eval()
-    return DiffusersBackbone(unet, DDPMScheduler.from_pretrained(scheduler_dir), str(path))
+    model_dir, scheduler_dir = diffusers_folders(path)
+    unet = getattr(diffusers, DIFFUSERS_MODEL).from_pretrained(model_dir).eval()
+    return DiffusersBackbone(unet, getattr(diffusers, DIFFUSERS_SCHEDULER).from_pretrained(scheduler_dir), str(path))
 
 
 def noise_seed_of(noise_seed: int, index: int, time_index: int, draw: int) -> int:
@@ -241,21 +227,14 @@ def block_widths(backbone: Backbone, blocks: list[str]) -> list[int]:
     return [shapes[name][0] for name in blocks]
 
 
-def denoiser_identity(backbone: Backbone, images: ImageDataModule, times: list[float], blocks: list[str],
-                      draws: int, noise_seed: int, dtype: str, splits: tuple[str, ...]) -> dict:
-    """Everything that determines a denoiser-feature cache's content; its hash is the cache key."""
-    return {"source": "denoiser", "backbone": backbone.describe(times), "blocks": list(blocks), "draws": draws,
-            "noise_seed": noise_seed, "times": times, "dtype": dtype, "splits": list(splits),
-            "dataset": images.identity()}
-
-
 def extract_denoiser_features(trainer: pl.Trainer, backbone: Backbone, images: ImageDataModule,
                               times: list[float], blocks: list[str], dtype: str, cache_dir: str | Path,
                               draws: int = 1, noise_seed: int = 0, splits: tuple[str, ...] = SPLITS,
                               batch_size: int = 64, recompute: bool = False, checkpoint: str | None = None) -> Path:
     """Build (or reuse) the cache of `blocks`' pooled outputs at every t: a cache with one layer per block."""
     widths = block_widths(backbone, blocks)
-    identity = denoiser_identity(backbone, images, times, blocks, draws, noise_seed, dtype, splits)
+    identity = denoiser_identity(backbone.describe(times), blocks, draws, noise_seed, times, dtype, splits,
+                                 images.identity())
     return write_cache(trainer, DenoiserFeatures(backbone, blocks, times, draws, noise_seed), identity,
                        {"checkpoint": checkpoint}, ExtractionData(images, splits, batch_size, backbone.normalize),
                        times, widths, dtype, cache_dir, recompute, layers=list(blocks))
@@ -295,7 +274,8 @@ class DenoiserFeatures(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         index, x0, labels = batch
-        return index, self(index, x0), labels
+        with full_precision(x0.device):
+            return index, self(index, x0), labels
 
     def on_predict_end(self) -> None:
         if self.outputs is not None:  # the backbone is left as it came

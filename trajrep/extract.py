@@ -7,7 +7,6 @@ batch has the same content on any number of processes and the cache is the same 
 
 import inspect
 import math
-import pickle  # only for the exception type that torch.load(weights_only=True) raises
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -20,10 +19,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from trajrep.checkpoint import pretrained_state, read_checkpoint
 from trajrep.data.base import SPLITS, ImageDataModule
-from trajrep.data.cache import (CacheWriter, RepresentationCache, cache_key, cache_lock, tensor_digest)
+from trajrep.data.cache import CacheWriter, RepresentationCache, cache_key, cache_lock
+from trajrep.data.identity import encoder_identity
+from trajrep.data.representations import RepresentationDataModule
 from trajrep.errors import TrajrepError
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.module import PretrainModule
 
 
 class IndexedDataset(Dataset):
@@ -85,6 +87,12 @@ class ExtractionData(pl.LightningDataModule):
         return index, self.normalize(images), labels
 
 
+def full_precision(device: torch.device) -> torch.autocast:
+    """Autocast off while a cache is extracted: it holds full-precision features under any mixed precision the
+    Trainer runs, the content its key stands for (the key names no precision)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 # Encoder inputs per pass: on a CPU the fastest in benchmarks/extract.py (activations stay in cache); a GPU wants
 # large passes to stay busy.
 CPU_PASS_SIZE, GPU_PASS_SIZE = 64, 1000
@@ -123,7 +131,8 @@ class Extractor(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         index, x0, labels = batch
-        return index, self(x0), labels
+        with full_precision(x0.device):
+            return index, self(x0), labels
 
 
 class CacheRowWriter(BasePredictionWriter):
@@ -155,38 +164,11 @@ class CacheRowWriter(BasePredictionWriter):
         trainer.strategy.barrier("cache-finalized")
 
 
-def existing_checkpoint(ckpt_path: str | Path) -> Path:
-    """The path of a checkpoint file, or a clear error when there is none."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        read_from = "" if path.is_absolute() else (f" (a relative path, in a config file too, is read from the "
-                                                   f"working directory {Path.cwd()})")
-        raise TrajrepError(f"checkpoint {path} does not exist{read_from}; give the .ckpt written by `trajrep fit` "
-                           "(e.g. runs/quickstart/checkpoints/last.ckpt)")
-    return path
-
-
-def read_checkpoint(ckpt_path: str | Path) -> dict:
-    """A training checkpoint, loaded safely (weights_only: no pickle code runs)."""
-    path = existing_checkpoint(ckpt_path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TrajrepError(f"checkpoint {path} cannot be read safely ({first}); it is truncated, corrupted or not a "
-                           "trajrep checkpoint: use another one or rerun the training that wrote it (for a trusted "
-                           "file that needs full unpickling, pass --weights_only=false)") from None
-
-
 def load_pretrained_weights(model: PretrainModule, ckpt_path: str | Path, ema: bool,
                             checkpoint: dict | None = None) -> None:
     """Load raw (the paper's choice) or EMA weights of a training checkpoint into `model`."""
     checkpoint = read_checkpoint(ckpt_path) if checkpoint is None else checkpoint
-    has_raw = "current_model_state" in checkpoint
-    if ema and not has_raw:
-        raise TrajrepError(f"checkpoint {ckpt_path} was written without EMAWeightAveraging, so it has no EMA "
-                           "weights; use ema: false")
-    state = checkpoint["state_dict"] if ema or not has_raw else checkpoint["current_model_state"]
+    state = pretrained_state(checkpoint, ema, ckpt_path)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -214,27 +196,14 @@ def load_pretrained_model(ckpt_path: str | Path, ema: bool) -> PretrainModule:
     return model.eval()
 
 
-def extraction_identity(model: PretrainModule, images: ImageDataModule, times: list[float], ema: bool,
-                        dtype: str, splits: tuple[str, ...]) -> dict:
-    """Everything that determines a cache's content; its hash is the cache key."""
-    return {
-        "weights_sha256": tensor_digest(model.encoder.state_dict()),
-        "weights": "ema" if ema else "raw",
-        "representation": "posterior-mean" if model.encoder.probabilistic else "feature",
-        "sde": {"sigma_min": model.sde.sigma_min, "sigma_max": model.sde.sigma_max},
-        "times": times,
-        "dtype": dtype,
-        "splits": list(splits),
-        "dataset": images.identity(),
-    }
-
-
 def extract_representations(trainer: pl.Trainer, model: PretrainModule, images: ImageDataModule,
                             times: list[float], ema: bool, dtype: str, cache_dir: str | Path,
                             splits: tuple[str, ...] = SPLITS, batch_size: int = 64, recompute: bool = False,
                             checkpoint: str | None = None, pass_size: int | None = None) -> Path:
     """Build (or reuse) the cache for `model`'s encoder, already loaded with the weights to extract."""
-    identity = extraction_identity(model, images, times, ema, dtype, splits)
+    encoder, sde = model.require_encoder("extraction"), model.sde
+    identity = encoder_identity(encoder.state_dict(), model.hparams.mode, (sde.sigma_min, sde.sigma_max), ema, times,
+                                dtype, splits, images.identity())
     sigmas = [math.exp(v) for v in model.sde.log_sigma(torch.tensor(times)).tolist()]
     return write_cache(trainer, Extractor(model, times, pass_size), identity, {"checkpoint": checkpoint,
                        "sigmas": sigmas}, ExtractionData(images, splits, batch_size), times, model.latent_dim,
@@ -250,6 +219,10 @@ def write_cache(trainer: pl.Trainer, predictor: pl.LightningModule, identity: di
     for split in data.splits:
         if split not in SPLITS:
             raise TrajrepError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    if trainer.precision.endswith("-true") and trainer.precision != "32-true":
+        raise TrajrepError(f"a cache holds full-precision features (its key names no precision), and this trainer "
+                           f"keeps the weights in {trainer.precision}: pass --trainer.precision=32-true (a mixed "
+                           "precision is fine: extraction runs with autocast off)")
     key = cache_key(identity)
     cache_dir = Path(cache_dir)
     path = cache_dir / key
@@ -275,3 +248,26 @@ def write_cache(trainer: pl.Trainer, predictor: pl.LightningModule, identity: di
         rank_zero_info(f"Extracted {sum(sizes.values())} images x {len(times)} times in {seconds:.1f} s "
                        f"({sum(sizes.values()) * len(times) / seconds:.0f} images x t / s) -> {path}")
         return path
+
+
+def build_cache(data: RepresentationDataModule, trainer: pl.Trainer | None = None) -> Path:
+    """Extract the cache that `data` reads from the checkpoint it names, with `trainer` (its devices and strategy;
+    by default one device, no logger); `data` then serves it."""
+    trainer = trainer or pl.Trainer(devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False)
+    options = data.hparams
+    kwargs = {"dtype": options.dtype, "cache_dir": options.cache_dir, "batch_size": options.extract_batch_size,
+              "recompute": options.recompute, "checkpoint": options.checkpoint}
+    if options.source == "encoder":
+        model = load_pretrained_model(options.checkpoint, options.ema)
+        path = extract_representations(trainer, model, data.images, data.grid, options.ema, **kwargs)
+    else:
+        from trajrep.denoiser import extract_denoiser_features, load_backbone  # denoiser.py builds on this module
+
+        backbone = load_backbone(options.checkpoint, options.ema, data.images)
+        path = extract_denoiser_features(trainer, backbone, data.images, data.grid, options.blocks,
+                                         draws=options.draws, noise_seed=options.noise_seed, **kwargs)
+    if path != data.cache_path:
+        raise TrajrepError(f"the extracted cache {path.name} is not the {data.cache_path.name} that the data asked "
+                           "for: the checkpoint changed while it was read; run the command again")
+    data.read_manifest()
+    return path

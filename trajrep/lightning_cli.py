@@ -1,6 +1,7 @@
 """The LightningCLI that `trajrep fit / validate / test / predict / extract` runs: every trajrep module and datamodule,
 referred to by short class names, with sizes linked from the data to the model."""
 
+import importlib
 import inspect
 import os
 import re
@@ -9,27 +10,29 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Literal, NoReturn, Optional
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # Imported so that configs can name the classes by short name (class_path: SyntheticShapes).
-from trajrep.callbacks import EMA  # noqa: F401
-from trajrep.online_probe import OnlineProbe  # noqa: F401
+from trajrep.pretrain.ema import EMA  # noqa: F401
+from trajrep.pretrain.online_probe import OnlineProbe  # noqa: F401
 from trajrep.data import (CIFAR10, CIFAR100, CelebA, Coloured, FashionMNIST, ImageDataModule,  # noqa: F401
                           ImageFolder, SyntheticShapes)
 from trajrep.data.representations import PixelProbeData, RepresentationDataModule  # noqa: F401
+from trajrep.checkpoint import existing_checkpoint, read_checkpoint
 from trajrep.checks import ensure_trainer_fits_machine, ensure_wandb_ready, ensure_writable
 from trajrep.denoiser import TrajrepBackbone, extract_denoiser_features, list_layers as layers_of, load_backbone
 from trajrep.disk import AtomicCheckpointIO
 from trajrep.errors import DEBUG_ENV, TrajrepError, errors_as_one_line
-from trajrep.extract import existing_checkpoint, extract_representations, load_pretrained_weights, read_checkpoint
-from trajrep.pretrain import PretrainModule
+from trajrep.extract import build_cache, extract_representations, load_pretrained_weights
+from trajrep.pretrain.module import PretrainModule
 from trajrep.progress import with_progress
 from trajrep.quiet import silence_known_noise
 from trajrep.threads import use_threads
-from trajrep.knn import KNNProbe  # noqa: F401
-from trajrep.probe import ProbeModule  # noqa: F401
+from trajrep.probe.knn import KNNProbe  # noqa: F401
+from trajrep.probe.module import ProbeModule  # noqa: F401
 from trajrep.timegrid import build_time_grid
 
 PROBE_SPEC = ("num_classes", "task_names", "feature_dim", "times", "seeds")
@@ -55,8 +58,17 @@ def plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def instantiate_directly(class_type: type, *args, **kwargs):
-    return class_type(*args, **kwargs)
+# The Trainer settings that decide how a missing cache is extracted: those of the command that needs it. Not its
+# precision: a cache holds full-precision features, the content its key stands for (trajrep.extract.write_cache).
+EXTRACTION_SETTINGS = ("accelerator", "strategy", "devices", "num_nodes", "enable_progress_bar")
+
+
+def built(value):
+    """A class given in a config (class_path and init_args) built, any other value as it is."""
+    if isinstance(value, Namespace) and "class_path" in value:
+        module, name = value.class_path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)(**dict(value.get("init_args") or {}))
+    return value
 
 
 # Lines of a jsonargparse error that frame the problem rather than state it.
@@ -159,11 +171,24 @@ class TrajrepCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # LightningCLI makes every module built while the datamodule is instantiated record the top-level `data`
-        # config as its hyperparameters; RepresentationDataModule builds an image datamodule and a PretrainModule,
-        # which must keep their own. Datamodules are therefore built plainly.
-        self.parser.add_instantiator(instantiate_directly, LightningDataModule, subclasses=True, prepend=True)
+        # config as its hyperparameters; RepresentationDataModule holds an image datamodule, which must keep its
+        # own. Datamodules are therefore built plainly (and a missing cache is built right after its datamodule).
+        self.parser.add_instantiator(self.instantiate_data, LightningDataModule, subclasses=True, prepend=True)
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         use_threads(config.get("threads"))
+
+    def instantiate_data(self, class_type: type, *args, **kwargs) -> LightningDataModule:
+        """A datamodule; a RepresentationDataModule's missing cache is extracted at once, before the model that
+        reads its width is built, with the accelerator, devices and strategy this command trains with."""
+        data = class_type(*args, **kwargs)
+        if isinstance(data, RepresentationDataModule) and not data.cache_ready:
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            settings = {name: built(config.trainer[name]) for name in EXTRACTION_SETTINGS if name in config.trainer}
+            trainer = with_progress(Trainer(**settings, logger=False, enable_checkpointing=False,
+                                            enable_model_summary=False))
+            ensure_trainer_fits_machine(trainer)
+            build_cache(data, trainer)
+        return data
 
     def instantiate_classes(self) -> None:
         """Lightning's, then a refusal of any model option the user set that a link from the data replaced (it

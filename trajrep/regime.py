@@ -29,8 +29,8 @@ from jsonargparse import ArgumentParser  # noqa: E402
 from trajrep.lightning_cli import build_cli, run as cli_main, summarise_parser_error  # noqa: E402
 from trajrep.errors import TrajrepError, errors_as_one_line  # noqa: E402
 from trajrep.nn.encoder import stage_widths  # noqa: E402
-from trajrep.online_probe import OnlineProbe, split_accuracy_name  # noqa: E402
-from trajrep.pretrain import calibrate_untrained  # noqa: E402
+from trajrep.pretrain.online_probe import OnlineProbe, split_accuracy_name  # noqa: E402
+from trajrep.pretrain.module import calibrate_untrained  # noqa: E402
 
 
 @dataclass

@@ -38,10 +38,10 @@ from trajrep.lightning_cli import build_cli, run as cli_main, summarise_parser_e
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.launch import (LAUNCHERS, Resources, Stage, check_launch, print_graph, print_status, resources_for,
                             run_inline, run_local, submit_slurm)
-from trajrep.pretrain import calibrate_untrained
+from trajrep.pretrain.module import calibrate_untrained
 from trajrep.analysis.report import report
-from trajrep.kinds import KINDS, kind_of, single_time_kinds
-from trajrep.results import read_results
+from trajrep.probe.kinds import KINDS, kind_of, single_time_kinds
+from trajrep.probe.records import read_results
 from trajrep.threads import available_cpus
 from trajrep.timegrid import granularity_times
 
@@ -495,13 +495,13 @@ class Reproduction:
 
     def build_cache(self, dataset: Dataset, encoder: Encoder, checkpoint: Path) -> None:
         """The representation cache of a checkpoint on all the preset's grids, which its probes then only read
-        (so they may run at once). Built by the probe data module from the data options every probe kind reads
-        it with (a cache's key leaves out the head and the training options)."""
+        (so they may run at once). Built as a probe command builds a missing cache, from the data options every
+        probe kind reads it with (a cache's key leaves out the head and the training options)."""
         args = ["--config", str(CONFIGS / "probe" / "linear.yaml"),
                 *self._representation_data(checkpoint, self.preset.grids[0], encoder),
                 f"--data.images={json.dumps(dataset.images_config)}", f"--trainer.default_root_dir={self.runs}",
-                *self._threads]
-        build_cli(args, run=False).datamodule.prepare_data()
+                "--trainer.devices=1", *self._threads]  # one process: an inline preset is no DDP launch
+        build_cli(args, run=False)
 
     def _representation_data(self, checkpoint: Path, grid: int, encoder: Encoder) -> list[str]:
         """Probe data for one grid, read from the cache of all the preset's grids (shared points extracted once)."""

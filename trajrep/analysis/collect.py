@@ -21,8 +21,8 @@ import torch
 from scipy import stats
 
 from trajrep.errors import TrajrepError
-from trajrep.kinds import KINDS
-from trajrep.results import probe_label, read_results
+from trajrep.probe.kinds import KINDS
+from trajrep.probe.records import probe_label, read_results
 from trajrep.similarity import mean_off_diagonal
 from trajrep.timegrid import grid_label
 
@@ -33,8 +33,9 @@ def base_kind(column: str) -> str:
 
 
 def columns() -> dict[str, str]:
-    """Every column a table can have, with its label: each probe kind (trajrep.kinds, in its order), then each kind
-    over every t with its best single t replicated at every position, then each over (layer, t) tokens."""
+    """Every column a table can have, with its label: each probe kind (trajrep.probe.kinds, in its order), then
+    each kind over every t with its best single t replicated at every position, then each over (layer, t)
+    tokens."""
     kinds = {name: kind.column for name, kind in KINDS.items()}
     over_t = [name for name, kind in KINDS.items() if not kind.single_time]
     return {**kinds, **{f"{name}-replicated": f"{kinds[name]}, best t replicated" for name in over_t},

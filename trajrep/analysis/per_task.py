@@ -40,7 +40,7 @@ from trajrep.analysis.wandb_log import log_analysis
 from trajrep.checks import ensure_wandb_ready
 from trajrep.data.cache import RepresentationCache
 from trajrep.errors import TrajrepError, errors_as_one_line
-from trajrep.results import read_results
+from trajrep.probe.records import read_results
 from trajrep.timegrid import grid_label, select_times
 
 

@@ -184,7 +184,7 @@ class RepresentationCache:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise TrajrepError(f"no representation cache at {self.path} (missing {MANIFEST}); run `trajrep extract` "
-                               "or let RepresentationDataModule build it")
+                               "or a probe command (`trajrep fit` builds the cache its data needs)")
         self.manifest = json.loads(manifest_path.read_text())
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:

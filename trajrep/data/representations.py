@@ -1,9 +1,10 @@
-"""RepresentationDataModule: serves cached E(x0, t) of shape (N, T, d) to the probes, extracting on first use."""
+"""RepresentationDataModule: serves cached E(x0, t) of shape (N, T, d) to the probes; it reads caches and
+checkpoint files, and never builds a model (the extraction stage builds a missing cache, trajrep.extract)."""
 
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -12,13 +13,10 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from trajrep.data.base import ImageDataModule
 from trajrep.data.cache import RepresentationCache, cache_key
+from trajrep.data.identity import checkpoint_source
 from trajrep.errors import TrajrepError
-from trajrep.progress import with_progress
 from trajrep.similarity import linear_cka
 from trajrep.timegrid import build_time_grid, select_times
-
-if TYPE_CHECKING:
-    from trajrep.denoiser import Backbone
 
 STAGES = ("train", "val", "test")
 
@@ -160,9 +158,11 @@ class RepresentationDataModule(ProbeData):
     block, each zero-padded to the widest (a padded dimension is 0 for every image, so no probe reads anything
     from it), its times repeated per block. That sequence is what the Transformer over (layer, t) reads.
 
-    The cache is keyed by the extracted weights, the time grid, the dataset and the format, so it is rebuilt
-    whenever one of them changes and reused otherwise. `num_classes`, `feature_dim`, `num_times` and `times` are
-    known right after construction, for the CLI's argument links. The train/validation split of the official
+    The cache is keyed by the extracted weights (read from the checkpoint file), the time grid, the dataset and the
+    format, so it is rebuilt whenever one of them changes and reused otherwise. This module only reads: a missing
+    cache (`cache_ready` false) is built by the extraction stage (`trajrep.extract.build_cache`, which the CLI runs
+    with the command's own Trainer settings before the model is built), and `feature_dim` then comes from the
+    cache's manifest, for the CLI's argument links. The train/validation split of the official
     training set is fixed by `split_seed`, identical for every probe. `dataset_name` is what tables and figures
     call the data (a preset passes its dataset's name); by default the image datamodule's class name.
 
@@ -223,99 +223,76 @@ class RepresentationDataModule(ProbeData):
         replicate_time: float | None = None,
         dataset_name: str | None = None,
     ) -> None:
-        # Local import: the probe side reaches the pretraining side only to build a missing cache.
-        from trajrep.denoiser import block_widths, denoiser_identity
-        from trajrep.extract import extraction_identity, load_pretrained_model
-
         check_val_fraction(val_fraction)
         if source != "denoiser" and (layer_tokens or layer_selection or layer or blocks):
             raise TrajrepError("blocks, layer, layer_selection and layer_tokens name blocks of a denoiser: set "
                                "source: denoiser, or leave them out for an encoder's representations")
+        if source == "denoiser":
+            layer = check_blocks(blocks, layer, layer_tokens, layer_selection, replicate_time)
         grid = build_time_grid(times, granularities)
         served = grid if probe_times is None else [grid[i] for i in select_times(grid, probe_times)]
-        if source == "encoder":
-            model = load_pretrained_model(checkpoint, ema)
-            model.require_encoder("source: encoder")
-            check_image_shape(checkpoint, (model.hparams.image_channels, model.hparams.image_size,
-                                           model.hparams.image_size), images)
-            width, identity = model.latent_dim, extraction_identity(model, images, grid, ema, dtype, ("train", "test"))
-            described = {"encoder_mode": model.hparams.mode, "pretrain_seed": model.pretrain_seed,
-                         "pretrain_steps": model.pretrain_steps,
-                         "sde": {"sigma_min": model.sde.sigma_min, "sigma_max": model.sde.sigma_max},
-                         **({"batchnorm_calibration": model.batchnorm_calibration}
-                            if model.batchnorm_calibration else {})}
-        else:
-            if layer_tokens and (layer is not None or layer_selection or replicate_time is not None):
-                raise TrajrepError("layer_tokens serves every block at every t: leave out layer, layer_selection "
-                                   "and replicate_time")
-            backbone, blocks, layer = self._denoiser(checkpoint, images, ema, blocks, layer)
-            check_image_shape(checkpoint, backbone.image_shape(), images)
-            widths = block_widths(backbone, blocks)
-            width = max(widths) if layer_tokens else widths[blocks.index(layer)]
-            identity = denoiser_identity(backbone, images, grid, blocks, draws, noise_seed, dtype, ("train", "test"))
-            model = getattr(backbone, "model", None)  # a trajrep checkpoint says its mode, seed and steps
-            served_layers = {"layer_tokens": blocks} if layer_tokens else {
-                "layer": layer, **({"layer_selection": layer_selection} if layer_selection else {})}
-            described = {"encoder_mode": f"denoiser ({model.hparams.mode if model else 'diffusers'})",
-                         "pretrain_seed": model.pretrain_seed if model else None,
-                         "pretrain_steps": model.pretrain_steps if model else None,
-                         **served_layers, "blocks": blocks, "backbone": identity["backbone"],
-                         # the continuous head reads sigma(t) of a VE SDE; a DDPM backbone has none
-                         **({"sde": identity["backbone"]["sde"]} if "sde" in identity["backbone"] else {})}
-            model = backbone
+        of = checkpoint_source(checkpoint, source, ema, images, grid, dtype, ("train", "test"), blocks, draws,
+                               noise_seed)
+        check_image_shape(checkpoint, of.image_shape, images)
         tokens = served * len(blocks) if layer_tokens else served
-        super().__init__(tokens, images.num_classes, images.task_names, width, seeds, batch_size, eval_batch_size,
+        super().__init__(tokens, images.num_classes, images.task_names, 0, seeds, batch_size, eval_batch_size,
                          standardize, replicate_time)
         self.served_times = served
         # `times` (explicit grid points) is left out: a logger merges these hparams with the ProbeModule's, whose
         # `times` are the served times, and refuses keys with different values.
         self.save_hyperparameters(ignore=["images", "times"])
-        self.images, self.grid, self._model = images, grid, model
+        self.images, self.grid = images, grid
         self.layer = None if layer_tokens else layer
-        self.cache_path = Path(cache_dir) / cache_key(identity)
+        self.cache_path = Path(cache_dir) / cache_key(of.identity)
+        served_layers = {} if source == "encoder" else {"layer_tokens": blocks} if layer_tokens else {
+            "layer": layer, **({"layer_selection": layer_selection} if layer_selection else {})}
         self.metadata.update({
             "dataset": dataset_name or type(images).__name__,
-            **described,
-            "latent_dim": self.feature_dim,
+            **of.described,
+            **served_layers,
             "checkpoint": str(checkpoint),
             "cache_key": self.cache_path.name,
             "weights": "ema" if ema else "raw",
         })
+        self.cache_ready = False
+        if self.cache_path.exists() and not recompute:
+            self.read_manifest()
 
-    @staticmethod
-    def _denoiser(checkpoint: str, images: ImageDataModule, ema: bool, blocks: list[str] | None,
-                  layer: str | None) -> tuple["Backbone", list[str], str]:
-        """The backbone of a denoiser source, its blocks and the served layer (checked)."""
-        from trajrep.denoiser import load_backbone
-
-        if not blocks:
-            raise TrajrepError("source: denoiser needs blocks, the names of the backbone's blocks to cache; "
-                               "`trajrep extract --list_layers true` lists them")
-        layer = blocks[0] if layer is None else layer
-        if layer not in blocks:
-            raise TrajrepError(f"layer {layer!r} is not among the cached blocks {blocks}; add it to blocks")
-        return load_backbone(checkpoint, ema, images), list(blocks), layer
-
-    def prepare_data(self) -> None:
-        """Extract the cache if it is missing (or when recompute is set), on one process."""
-        from trajrep.denoiser import extract_denoiser_features
-        from trajrep.extract import extract_representations
-
-        if self.cache_path.exists() and not self.hparams.recompute:
-            return
-        bars = self.trainer is None or self.trainer.progress_bar_callback is not None  # as the run it serves
-        trainer = with_progress(pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                                           enable_progress_bar=bars))
-        options = {"dtype": self.hparams.dtype, "cache_dir": self.hparams.cache_dir,
-                   "batch_size": self.hparams.extract_batch_size, "recompute": self.hparams.recompute,
-                   "checkpoint": self.hparams.checkpoint}
+    def read_manifest(self) -> None:
+        """Take the feature width from the cache's manifest: the cache is ready to serve."""
+        cache = RepresentationCache(self.cache_path)
         if self.hparams.source == "encoder":
-            extract_representations(trainer, self._model, self.images, self.grid, self.hparams.ema, **options)
+            self.feature_dim = cache.feature_dim
         else:
-            extract_denoiser_features(trainer, self._model, self.images, self.grid, self.hparams.blocks,
-                                      draws=self.hparams.draws, noise_seed=self.hparams.noise_seed, **options)
+            widths = [cache.feature_dim[cache.layer_index(block)] for block in self.hparams.blocks]
+            self.feature_dim = max(widths) if self.hparams.layer_tokens else widths[
+                self.hparams.blocks.index(self.layer)]
+        self.cache_ready = True
+        self.metadata["latent_dim"] = self.feature_dim
+
+    @property
+    def feature_dim(self) -> int:
+        """The width of what is served, read from the cache (a clear error while there is none)."""
+        self.require_cache()
+        return self._feature_dim
+
+    @feature_dim.setter
+    def feature_dim(self, width: int) -> None:
+        self._feature_dim = width
+
+    def require_cache(self) -> None:
+        """A clear error while the cache is missing (the CLI builds it before anything reads the data)."""
+        if not self.cache_ready:
+            raise TrajrepError(f"the representation cache {self.cache_path} is not built yet: `trajrep fit` and the "
+                               "presets build it first; in Python, call trajrep.extract.build_cache(data)")
+
+    @property
+    def probe_spec(self) -> dict:
+        self.require_cache()
+        return super().probe_spec
 
     def load_stages(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        self.require_cache()
         cache = RepresentationCache(self.cache_path)
         indices = select_times(cache.times, self.served_times)
 
@@ -378,6 +355,21 @@ def check_image_shape(checkpoint: str, trained_on: tuple[int, int, int], images:
         raise TrajrepError(f"{checkpoint} was pretrained on {trained_on[0]}-channel {trained_on[1]} px images "
                            f"but {type(images).__name__} serves {images.image_shape[0]}-channel "
                            f"{images.image_shape[1]} px ones; set data.images to the pretraining dataset")
+
+
+def check_blocks(blocks: list[str] | None, layer: str | None, layer_tokens: bool, layer_selection: str | None,
+                 replicate_time: float | None) -> str:
+    """The served layer of a denoiser source (the first block by default), its options checked."""
+    if not blocks:
+        raise TrajrepError("source: denoiser needs blocks, the names of the backbone's blocks to cache; "
+                           "`trajrep extract --list_layers true` lists them")
+    if layer_tokens and (layer is not None or layer_selection or replicate_time is not None):
+        raise TrajrepError("layer_tokens serves every block at every t: leave out layer, layer_selection "
+                           "and replicate_time")
+    layer = blocks[0] if layer is None else layer
+    if layer not in blocks:
+        raise TrajrepError(f"layer {layer!r} is not among the cached blocks {blocks}; add it to blocks")
+    return layer
 
 
 def check_val_fraction(val_fraction: float) -> None:

@@ -3,7 +3,7 @@
 Every head maps x of shape (G, B, T, d) - member g's own batch over the T cached times - to logits
 (G, B, sum(num_classes)); a (B, T, d) batch is shared by all members (evaluation). Member g is initialised from
 `seeds[g]` alone, so the grid (lr x seed, or lr x seed x t for the per-t MLP) is G independent probes.
-Train with `member_losses(...).sum()`, `clip_grad_norm_per_member_` and `GroupedAdam`. trajrep.kinds registers
+Train with `member_losses(...).sum()`, `clip_grad_norm_per_member_` and `GroupedAdam`. trajrep.probe.kinds registers
 each head as a probe kind.
 """
 

@@ -2,8 +2,8 @@
 
 Members are independent probes with stacked weights (trajrep.nn.grouped): per-member learning rate (GroupedAdam),
 per-member gradient clipping, per-seed initialisation and batch order. Each epoch every member is evaluated on the
-validation and the test split; at the end the protocol of method §7 selects on validation (trajrep.selection) and
-the results are written as JSON records (trajrep.results).
+validation and the test split; at the end the protocol of method §7 selects on validation
+(trajrep.probe.selection), and trajrep.probe.evaluation writes the results as JSON records (trajrep.probe.records).
 """
 
 import copy
@@ -16,62 +16,25 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 
-from trajrep.checks import ensure_writable
 from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
-from trajrep.kinds import build_head, head_kinds, kind_of
+from trajrep.probe.kinds import build_head, head_kinds, kind_of
 from trajrep.nn.probes import clip_grad_norm_per_member_, member_losses, random_time_subset
-from trajrep.progress import Ticker, duration
-from trajrep.results import refuse_replacing, result_path, settings_digest, write_results
-from trajrep.selection import best_epochs, summarise
+from trajrep.probe.evaluation import ProbeResults
+from trajrep.probe.selection import best_epochs
 
 PAPER_LEARNING_RATES = [1e-3, 7.5e-4, 5e-4, 2.5e-4, 1e-4, 5e-5]
 
 
 def default_member_chunk(kind: str, num_members: int) -> int:
     """Members per chunk when none is set: the whole grid where CUDA is available (one large kernel is best on a
-    GPU), else the kind's CPU size (trajrep.kinds)."""
+    GPU), else the kind's CPU size (trajrep.probe.kinds)."""
     cpu_chunk = kind_of(kind).cpu_chunk
     return num_members if torch.cuda.is_available() or cpu_chunk is None else cpu_chunk
-
-
-# Options that change where results go or how fast they come, never the numbers: left out of the settings digest.
-RESULT_NEUTRAL = {"results_dir", "encoder_name", "export_attention", "member_chunk", "overwrite_results"}
-DATA_SETTINGS = ("val_fraction", "split_seed", "batch_size", "standardize", "replicate_time")
-
-
-def result_context(module: pl.LightningModule, probe: str, epochs: int | None) -> dict:
-    """What a result file says about its run: the data's metadata (encoder, cache, standardisation), the probe,
-    its epochs (None for a probe without training), the resolved configuration and the digest of the settings
-    the numbers depend on (part of the file name)."""
-    datamodule = module.trainer.datamodule
-    data = dict(getattr(datamodule, "hparams", {}))
-    settings = {"model": {k: v for k, v in module.hparams.items() if k not in RESULT_NEUTRAL},
-                "data": {k: data.get(k) for k in DATA_SETTINGS}, "max_epochs": module.trainer.max_epochs}
-    return {
-        **getattr(datamodule, "metadata", {}),
-        "probe": probe,
-        "encoder_name": module.hparams.encoder_name,
-        "times": module.hparams.times,
-        "epochs": epochs,
-        "config": {"model": dict(module.hparams), "data": data},
-        "settings_digest": settings_digest(settings),
-    }
-
-
-def ensure_results_can_be_written(module: pl.LightningModule, probe: str) -> None:
-    """Before any training: the results folder is writable and holds no results of these settings (unless
-    overwrite_results), so a finished grid never fails at its last line."""
-    if not module.trainer.is_global_zero:
-        return
-    ensure_writable(module.hparams.results_dir, "results_dir")
-    refuse_replacing(result_path(module.hparams.results_dir, result_context(module, probe, None)),
-                     module.hparams.overwrite_results)
 
 
 # What every head gets from the module itself, so not settable through head_kwargs.
@@ -116,7 +79,7 @@ class ProbeModule(pl.LightningModule):
 
     The members are split into chunks of `member_chunk`, one grouped head each; a training step runs each chunk's
     forward and backward back to back, so that its activations are still in the CPU's cache for the backward
-    pass (each kind's `cpu_chunk` in trajrep.kinds sizes them). Where CUDA is available the default is one chunk:
+    pass (each kind's `cpu_chunk` in trajrep.probe.kinds sizes them). Where CUDA is available the default is one chunk:
     one large kernel is best on a GPU. With `export_attention`, the attention heads' records also carry each
     member's mean CLS attention over the time tokens on the test split (overall and per class) and its masking
     ablation (extra test passes at the end), both with the member's weights at its best validation epoch, the
@@ -125,7 +88,7 @@ class ProbeModule(pl.LightningModule):
     one mode and width stay apart in tables.
 
     Args:
-        kind: the head, a kind of trajrep.kinds: mlp or linear (one per t); gru, transformer or continuous (a
+        kind: the head, a kind of trajrep.probe.kinds: mlp or linear (one per t); gru, transformer or continuous (a
             transformer that reads sigma(t)), the mixers over t; concat, mean or weighted, baselines (an MLP on all t
             concatenated, on their mean, on a learned weighted sum).
         learning_rates: the lr grid; every lr x seed is one member, the lr is selected on validation.
@@ -340,7 +303,7 @@ class ProbeModule(pl.LightningModule):
                 kept[rows] = weights[rows]
 
     @contextmanager
-    def _best_epoch_weights(self) -> Iterator[None]:
+    def best_epoch_weights(self) -> Iterator[None]:
         """Run the heads with each member's best-epoch weights inside the block; the trained ones come back after."""
         trained, self.heads = self.heads, self.best_heads
         try:
@@ -377,50 +340,6 @@ class ProbeModule(pl.LightningModule):
             **({"diverged": True} if diverged[g] else {}),
         } for g, m in enumerate(self.members)]
 
-    @torch.no_grad()
-    def mean_test_attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each member's CLS attention over the time tokens (CLS key last), averaged over heads, with the current
-        weights: over all test examples (G, T + 1), per class of its task (G, C, T + 1), and the
-        number of test examples per class (G, C)."""
-        was_training, total, count = self.training, 0.0, 0
-        per_class, class_count = 0.0, 0.0
-        self.eval()
-        for x, y in self.trainer.datamodule.test_dataloader():
-            _, attention = self(x.to(self.device), return_attention=True)
-            one_hot = F.one_hot(self.member_labels(y.to(self.device), slice(None)), self.logit_mask.shape[1]).float()
-            per_class = per_class + torch.einsum("gbc,gbt->gct", one_hot, attention)
-            class_count = class_count + one_hot.sum(dim=1)
-            total, count = total + attention.sum(dim=1), count + x.shape[0]
-        self.train(was_training)
-        return total / count, per_class / class_count.clamp_min(1)[:, :, None], class_count
-
-    @torch.no_grad()
-    def masked_test_accuracy(self) -> dict[str, torch.Tensor]:
-        """The masking ablation (method §9) on the test split, with the current weights: "full" (G, 1),
-        accuracy with nothing hidden; "drop" (G, T + 1), with one key hidden from attention (time token i, or the
-        CLS key last);
-        "keep_only" (G, T), accuracy when time token i is the only time token left (the CLS key stays)."""
-        num_times = len(self.hparams.times)
-        eye = torch.eye(num_times + 1, dtype=torch.bool, device=self.device)
-        masks = {"full": [None], "drop": list(eye), "keep_only": [~row & ~eye[num_times] for row in eye[:num_times]]}
-        correct = {name: torch.zeros(len(self.members), len(rows), device=self.device) for name, rows in masks.items()}
-        was_training, count = self.training, 0
-        self.eval()
-        loader = self.trainer.datamodule.test_dataloader()
-        # 2 T + 2 passes over the test split after training: long enough to need its own progress lines.
-        ticker = Ticker(f"masking ablation ({2 * num_times + 2} masks), test batch", len(loader))
-        for done, (x, y) in enumerate(loader, start=1):
-            x, labels = x.to(self.device), self.member_labels(y.to(self.device), slice(None))
-            for name, rows in masks.items():
-                for i, mask in enumerate(rows):
-                    predictions = self(x, key_mask=mask).argmax(dim=-1)
-                    correct[name][:, i] += (predictions == labels).sum(dim=1)
-            count += x.shape[0]
-            ticker.tick(done)
-        rank_zero_info(f"masking ablation done: {len(loader)} test batches in {duration(ticker.seconds)}")
-        self.train(was_training)
-        return {name: values / count for name, values in correct.items()}
-
     def setup(self, stage: str) -> None:
         """The continuous head's time code reads sigma(t) of the noise process the cache names (its manifest's
         sigma_min, sigma_max), not a default; data without one (in-memory tensors) keeps the head's own."""
@@ -436,28 +355,9 @@ class ProbeModule(pl.LightningModule):
                 for head in heads:
                     head.sde = VESDE(noise["sigma_min"], noise["sigma_max"])
 
-    def on_fit_start(self) -> None:
-        ensure_results_can_be_written(self, self.hparams.kind)  # fail now, not after the grid
-
-    def on_fit_end(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        records = self.member_records()
-        if self.exports_attention:
-            with self._best_epoch_weights():
-                masked = {name: values.tolist() for name, values in self.masked_test_accuracy().items()}
-                attention, per_class, class_count = (v.tolist() for v in self.mean_test_attention())
-            for g, record in enumerate(records):
-                record["attention"] = attention[g]
-                record["attention_per_class"] = [weights if n > 0 else None  # a class absent from the test split
-                                                 for weights, n in zip(per_class[g], class_count[g])]
-                record["masking"] = {name: values[g] for name, values in masked.items()}
-        context = result_context(self, self.hparams.kind, len(self.val_history))
-        if self.exports_attention:
-            context["attention_weights"] = "best_epoch"
-        path = write_results(self.hparams.results_dir, records, summarise(records, len(self.val_history)), context,
-                             overwrite=self.hparams.overwrite_results)
-        rank_zero_info(f"Probe results ({len(records)} members) -> {path}")  # shown with or without a bar
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """What is reported once the grid is trained: its result file (trajrep.probe.evaluation)."""
+        return [ProbeResults()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = [{"params": head.parameters(), "lr": [m["lr"] for m in self.members[part]]}

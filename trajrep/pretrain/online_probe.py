@@ -20,7 +20,7 @@ from trajrep.data.base import ImageDataModule
 from trajrep.data.representations import standardise
 from trajrep.errors import TrajrepError
 from trajrep.extract import Extractor, pass_size_for
-from trajrep.pretrain import PretrainModule
+from trajrep.pretrain.module import PretrainModule
 from trajrep.similarity import linear_cka
 
 DEFAULT_TIMES = (0.0, 0.25, 0.5, 0.75, 1.0)

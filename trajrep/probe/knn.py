@@ -5,7 +5,7 @@
 Each validation or test representation at time t is classified by its k nearest training representations at the
 same t under cosine similarity, each neighbour voting with weight exp(similarity / temperature) (Wu et al., 2018;
 the protocol of DINO and lightly's KNNClassifier). k is chosen per t on validation, like a probe's lr, and the
-best single t on validation too (trajrep.selection).
+best single t on validation too (trajrep.probe.selection).
 """
 
 import itertools
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from trajrep.errors import TrajrepError
-from trajrep.probe import MemberAccuracy, ensure_results_can_be_written, require_each_t_once, result_context
-from trajrep.results import write_results
-from trajrep.selection import summarise
+from trajrep.probe.module import MemberAccuracy, require_each_t_once
+from trajrep.probe.records import ensure_results_can_be_written, result_context, write_results
+from trajrep.probe.selection import summarise
 
 
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,

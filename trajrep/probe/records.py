@@ -4,9 +4,14 @@ import hashlib
 import json
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from trajrep.checks import ensure_writable
 from trajrep.disk import atomic_write_bytes
 from trajrep.errors import TrajrepError
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
 
 RESULTS_VERSION = 1
 
@@ -19,7 +24,7 @@ def git_revision() -> str | None:
 
 
 def _read_revision() -> str | None:
-    here = Path(__file__).parent
+    here = Path(__file__).parents[1]  # the trajrep package
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=here,
@@ -96,3 +101,48 @@ def read_results(path: str | Path) -> dict:
         raise TrajrepError(f"result file {path} was modified or truncated (checksum mismatch); delete it and rerun "
                            "the probe")
     return data
+
+
+# Options that change where results go or how fast they come, never the numbers: left out of the settings digest.
+RESULT_NEUTRAL = {"results_dir", "encoder_name", "export_attention", "member_chunk", "overwrite_results"}
+DATA_SETTINGS = ("val_fraction", "split_seed", "batch_size", "standardize", "replicate_time")
+# kNN's class path before the probe package (#16): the digest keeps it, so that a result file keeps the name it had
+# (and a rerun of the same settings replaces a committed record instead of joining it). ProbeModule needs no entry:
+# the package exposes it, so its path is still recorded as trajrep.probe.ProbeModule.
+LEGACY_CLASS_PATHS = {"trajrep.probe.knn.KNNProbe": "trajrep.knn.KNNProbe"}
+
+
+def result_settings_digest(model: dict, data: dict, max_epochs: int | None) -> str:
+    """The digest of the settings a probe's numbers depend on: its model options, the data options that change
+    what it trains on, and its epochs."""
+    model = {key: LEGACY_CLASS_PATHS.get(value, value) if key == "_class_path" else value
+             for key, value in model.items() if key not in RESULT_NEUTRAL}
+    return settings_digest({"model": model, "data": {key: data.get(key) for key in DATA_SETTINGS},
+                            "max_epochs": max_epochs})
+
+
+def result_context(module: "LightningModule", probe: str, epochs: int | None) -> dict:
+    """What a result file says about its run: the data's metadata (encoder, cache, standardisation), the probe,
+    its epochs (None for a probe without training), the resolved configuration and the digest of the settings
+    the numbers depend on (part of the file name)."""
+    datamodule = module.trainer.datamodule
+    data = dict(getattr(datamodule, "hparams", {}))
+    return {
+        **getattr(datamodule, "metadata", {}),
+        "probe": probe,
+        "encoder_name": module.hparams.encoder_name,
+        "times": module.hparams.times,
+        "epochs": epochs,
+        "config": {"model": dict(module.hparams), "data": data},
+        "settings_digest": result_settings_digest(dict(module.hparams), data, module.trainer.max_epochs),
+    }
+
+
+def ensure_results_can_be_written(module: "LightningModule", probe: str) -> None:
+    """Before any training: the results folder is writable and holds no results of these settings (unless
+    overwrite_results), so a finished grid never fails at its last line."""
+    if not module.trainer.is_global_zero:
+        return
+    ensure_writable(module.hparams.results_dir, "results_dir")
+    refuse_replacing(result_path(module.hparams.results_dir, result_context(module, probe, None)),
+                     module.hparams.overwrite_results)
