@@ -61,6 +61,17 @@ def test_every_head_runs_from_its_config_and_writes_records(kind, tiny_checkpoin
     assert results["context"]["config"]["model"]["kind"] == kind
 
 
+def test_a_probe_that_first_builds_its_cache_trains_as_one_that_finds_it(tiny_checkpoint, tmp_path):
+    """Building the missing cache draws from the global RNG (the model's init), whose stream the heads' dropout
+    reads: the records must not depend on whether the cache was there."""
+    records = []
+    for run in ("builds", "finds"):
+        main(probe_args("mlp", tiny_checkpoint, tmp_path / run, tmp_path / "cache"))
+        (path,) = (tmp_path / run / "results").glob("mlp-*.json")
+        records.append([(r["val_acc"], r["test_acc"], r["best_epoch"]) for r in read_results(path)["records"]])
+    assert records[0] == records[1]
+
+
 def test_other_settings_get_their_own_file_and_the_same_settings_are_replaced_only_when_asked(
         tiny_checkpoint, tmp_path, shared_cache, capsys):
     main(probe_args("mean", tiny_checkpoint, tmp_path, shared_cache))

@@ -252,20 +252,23 @@ def write_cache(trainer: pl.Trainer, predictor: pl.LightningModule, identity: di
 
 def build_cache(data: RepresentationDataModule, trainer: pl.Trainer | None = None) -> Path:
     """Extract the cache that `data` reads from the checkpoint it names, with `trainer` (its devices and strategy;
-    by default one device, no logger); `data` then serves it."""
+    by default one device, no logger); `data` then serves it. The global RNG is left as it was: building the model
+    draws from it, and the probe that reads the cache next draws its dropout from it (seeded by seed_everything),
+    so a probe trains alike whether its cache was there or not."""
     trainer = trainer or pl.Trainer(devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False)
     options = data.hparams
     kwargs = {"dtype": options.dtype, "cache_dir": options.cache_dir, "batch_size": options.extract_batch_size,
               "recompute": options.recompute, "checkpoint": options.checkpoint}
-    if options.source == "encoder":
-        model = load_pretrained_model(options.checkpoint, options.ema)
-        path = extract_representations(trainer, model, data.images, data.grid, options.ema, **kwargs)
-    else:
-        from trajrep.denoiser import extract_denoiser_features, load_backbone  # denoiser.py builds on this module
+    with torch.random.fork_rng(devices=[]):
+        if options.source == "encoder":
+            model = load_pretrained_model(options.checkpoint, options.ema)
+            path = extract_representations(trainer, model, data.images, data.grid, options.ema, **kwargs)
+        else:
+            from trajrep.denoiser import extract_denoiser_features, load_backbone  # denoiser.py builds on this
 
-        backbone = load_backbone(options.checkpoint, options.ema, data.images)
-        path = extract_denoiser_features(trainer, backbone, data.images, data.grid, options.blocks,
-                                         draws=options.draws, noise_seed=options.noise_seed, **kwargs)
+            backbone = load_backbone(options.checkpoint, options.ema, data.images)
+            path = extract_denoiser_features(trainer, backbone, data.images, data.grid, options.blocks,
+                                             draws=options.draws, noise_seed=options.noise_seed, **kwargs)
     if path != data.cache_path:
         raise TrajrepError(f"the extracted cache {path.name} is not the {data.cache_path.name} that the data asked "
                            "for: the checkpoint changed while it was read; run the command again")
