@@ -161,3 +161,15 @@ def test_the_preset_report_and_analysis_tools_are_subcommands_with_their_own_hel
     with pytest.raises(SystemExit):
         main(["--help"])
     assert f"trajrep {tool} " in " ".join(capsys.readouterr().out.split())  # named in the top-level help
+
+
+def test_a_strategy_given_as_a_class_is_built_for_the_extraction_trainer():
+    from jsonargparse import Namespace
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from trajrep.lightning_cli import built
+
+    given = Namespace(class_path="lightning.pytorch.strategies.SingleDeviceStrategy", init_args={"device": "cpu"})
+    strategy = built(given)
+    assert isinstance(strategy, SingleDeviceStrategy) and strategy.root_device == torch.device("cpu")
+    assert built("ddp_spawn") == "ddp_spawn" and built(2) == 2
