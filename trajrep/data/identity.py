@@ -128,12 +128,12 @@ def checkpoint_source(checkpoint: str, source: str, ema: bool, images: ImageData
         return CheckpointSource(denoiser_identity(backbone, blocks or [], draws, noise_seed, times, dtype, splits,
                                                   dataset),
                                 {"encoder_mode": f"denoiser ({mode})", **trained, "blocks": list(blocks or []),
-                                 "backbone": backbone, "sde": backbone["sde"]}, image_shape)
+                                 "backbone": backbone}, image_shape)
     if mode == "score-only":
         raise TrajrepError("source: encoder reads E(x0, t), and this model is score-only (it has no encoder): probe "
                            "its denoiser features (--data.source=denoiser)")
     identity = encoder_identity(submodule_state(state, "encoder"), mode, bounds, ema, times, dtype, splits, dataset)
     calibration = saved.get("batchnorm_calibration")
-    return CheckpointSource(identity, {"encoder_mode": mode, **trained, "sde": identity["sde"],
+    return CheckpointSource(identity, {"encoder_mode": mode, **trained,
                                        **({"batchnorm_calibration": calibration} if calibration else {})},
                             image_shape)

@@ -259,8 +259,12 @@ class RepresentationDataModule(ProbeData):
             self.read_manifest()
 
     def read_manifest(self) -> None:
-        """Take the feature width from the cache's manifest: the cache is ready to serve."""
+        """Take the feature width and the noise process (the VE SDE the continuous head reads; a DDPM backbone has
+        none) from the cache's manifest: the cache is ready to serve."""
         cache = RepresentationCache(self.cache_path)
+        sde = cache.manifest.get("sde") or cache.manifest.get("backbone", {}).get("sde")
+        if sde is not None:
+            self.metadata["sde"] = sde
         if self.hparams.source == "encoder":
             self.feature_dim = cache.feature_dim
         else:
