@@ -4,6 +4,7 @@ evaluation. Same data and sizes as benchmarks/probe_grid.py, both sides in this 
 
     python benchmarks/probe_profile.py [--epochs 1] [--train 2304] [--kinds mlp gru transformer] [--top 12]
     python benchmarks/probe_profile.py --ops      # the operators of one training step and one evaluation batch
+    python benchmarks/probe_profile.py --floor    # the matmul floor: what stacking members can gain at most
 """
 
 import argparse
@@ -15,9 +16,16 @@ import torch
 from lightning.pytorch.profilers import SimpleProfiler
 
 import probe_grid  # benchmarks/probe_grid.py
+from common import best_seconds
 from probe_grid import SEEDS, gaussian_representations
+from torch.utils.flop_counter import FlopCounterMode
 from trajrep.data.representations import ProbeData
-from trajrep.probe.module import ProbeModule
+from trajrep.probe.kinds import kind_of
+from trajrep.probe.module import PAPER_LEARNING_RATES, ProbeModule
+
+# Each kind's largest matmul at the benchmark's sizes (batch 256, d = 32, 11 t + CLS, default widths), as
+# (rows, inner, columns).
+MAIN_MATMUL = {"mlp": (256, 32, 512), "gru": (256, 256, 768), "transformer": (256 * 12, 256, 768)}
 
 
 def profiled_grid(kind: str, data: dict, epochs: int, times: list[float]) -> tuple[float, dict[str, float]]:
@@ -86,6 +94,43 @@ def operator_profile(kind: str, data: dict, times: list[float], top: int) -> Non
         print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
 
 
+def matmul_rate(shape: tuple[int, int, int], members: int) -> float:
+    """FLOP/s of `members` stacked matmuls of one shape (a batched matmul with a bias, as the grids run them)."""
+    rows, inner, columns = shape
+    x, w, b = torch.randn(members, rows, inner), torch.randn(members, inner, columns), torch.randn(members, 1, columns)
+    torch.baddbmm(b, x, w)  # warm-up
+    return 2 * members * rows * inner * columns / best_seconds(lambda: torch.baddbmm(b, x, w), repeats=5)
+
+
+def sequential_flops(kind: str, data: dict, epochs: int) -> float:
+    """All the arithmetic of the one-at-a-time protocol: every configuration's training steps and evaluations."""
+    (x, y), dim, num_times = data["train"], data["train"][0].shape[-1], data["train"][0].shape[1]
+    model = {"mlp": lambda: probe_grid.PlainMLP(dim, 10), "gru": lambda: probe_grid.PlainGRU(dim, 10),
+             "transformer": lambda: probe_grid.PlainTransformer(dim, 10, num_times)}[kind]()
+    batch = x[:256, 0] if kind == "mlp" else x[:256]
+    with FlopCounterMode(display=False) as step:
+        torch.nn.functional.cross_entropy(model(batch), y[:256]).backward()
+    with FlopCounterMode(display=False) as evaluation, torch.no_grad():
+        model.eval()(batch)
+    steps = epochs * -(-len(y) // 256)
+    rows = epochs * (len(data["val"][1]) + len(data["test"][1]))
+    configurations = len(PAPER_LEARNING_RATES) * len(SEEDS) * (num_times if kind == "mlp" else 1)
+    return configurations * (steps * step.get_total_flops() + rows / 256 * evaluation.get_total_flops())
+
+
+def matmul_floor(kind: str, data: dict, epochs: int) -> None:
+    """What stacking members can gain at most: the sequential protocol's arithmetic at the rate that ONE member's
+    main matmul already reaches, against the protocol's measured time; and the rate of a whole chunk's."""
+    plain, _ = split_sequential(kind, data, epochs)
+    flops = sequential_flops(kind, data, epochs)
+    one, chunk = matmul_rate(MAIN_MATMUL[kind], 1), matmul_rate(MAIN_MATMUL[kind], kind_of(kind).cpu_chunk)
+    floor = flops / max(one, chunk)
+    print(f"{kind}: main matmul {' x '.join(map(str, MAIN_MATMUL[kind]))}: one member {one / 1e9:.0f} GFLOP/s, a "
+          f"chunk of {kind_of(kind).cpu_chunk} {chunk / 1e9:.0f} GFLOP/s; the sequential side's "
+          f"{flops / 1e12:.2f} TFLOP (training and evaluation) take {floor:.1f} s at the faster rate, its run "
+          f"{plain:.1f} s: no grid can be more than {plain / floor:.2f}x faster with these matmuls")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=1)
@@ -95,6 +140,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=2304, help="training representations")
     parser.add_argument("--top", type=int, default=12, help="profiled actions shown per kind")
     parser.add_argument("--ops", action="store_true", help="profile the operators of one step instead")
+    parser.add_argument("--floor", action="store_true", help="the most that stacking members can gain")
     args = parser.parse_args()
     times = [i / (args.times - 1) for i in range(args.times)]
     data = gaussian_representations(args.times, args.dim, 10, {"train": args.train, "val": 500, "test": 2000})
@@ -103,6 +149,9 @@ def main() -> None:
     for kind in args.kinds:
         if args.ops:
             operator_profile(kind, data, times, args.top)
+            continue
+        if args.floor:
+            matmul_floor(kind, data, args.epochs)
             continue
         seconds, actions = profiled_grid(kind, data, args.epochs, times)
         plain, plain_evaluation = split_sequential(kind, data, args.epochs)

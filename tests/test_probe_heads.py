@@ -179,6 +179,38 @@ def test_gru_grid_trains_like_separate_grus():
     assert_members_match(head, plains, x)
 
 
+def test_gru_recurrence_backward_through_time_matches_autograd_with_dropout():
+    """The GRU's hand-written backward pass through time against autograd on the single-step cell, same masks."""
+    head = GRUHead(3, D_IN, T, [C], [0, 1, 2], hidden_dim=6, dropout=0.25).train()
+    x = torch.randn(3, 5, T, D_IN, requires_grad=True)
+    inputs = (x, *head.parameters())
+    weights = torch.randn(3, 5, C)
+    torch.manual_seed(11)
+    fast = torch.autograd.grad((head(x) * weights).sum(), inputs)
+    torch.manual_seed(11)
+    gates, h = head.cell.project_input(x), x.new_zeros(3, 5, 6)
+    for step in gates.unbind(2):
+        h = dropout(head.cell.recur(step, h), 0.25, training=True)
+    reference = torch.autograd.grad((head.classifier(h) * weights).sum(), inputs)
+    for got, expected in zip(fast, reference):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("kind", [MLPHead, GRUHead, TransformerHead])
+def test_hand_written_backward_passes_run_under_bf16_autocast(kind):
+    """The MLP's and the GRU's own backward passes under autocast: float32 gradients within bf16's error of the
+    float32 ones."""
+    extra = {"time_index": [0, 1]} if kind is MLPHead else {}
+    head = kind(2, D_IN, T, [C], [0, 1], dropout=0.0, **extra).float().train()
+    x = torch.randn(2, 8, T, D_IN, dtype=torch.float32)
+    exact = torch.autograd.grad(head(x).square().sum(), list(head.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = torch.autograd.grad(head(x).float().square().sum(), list(head.parameters()))
+    assert all(got.dtype == torch.float32 for got in low)
+    low, exact = torch.cat([got.flatten() for got in low]), torch.cat([expected.flatten() for expected in exact])
+    assert (low - exact).norm() <= 0.05 * exact.norm()  # bf16 rounding, and a few ReLUs near 0 flip
+
+
 def test_transformer_grid_trains_like_separate_transformers():
     x, y = toy_data()
     sizes = dict(d_model=16, num_heads=4, ffn_dim=24)
@@ -322,7 +354,8 @@ def test_dropout_keeps_one_minus_p_and_preserves_the_mean(p):
     x = torch.randn(200, 1000)
     torch.manual_seed(3)
     keep = dropout_keep_mask(x, p)
-    assert keep.shape == x.shape and keep.dtype == torch.bool
+    assert keep.shape == x.shape and keep.dtype == x.dtype and set(keep.unique().tolist()) == {0.0, 1.0}
+    keep = keep.bool()
     assert abs(keep.double().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / x.numel())
     assert keep.double().mean(dim=0).std().item() < 0.05  # no stuck positions (e.g. an unfilled byte lane)
     torch.manual_seed(3)
@@ -340,12 +373,21 @@ def test_fused_relu_dropout_matches_relu_then_dropout_with_the_same_mask():
     torch.manual_seed(7)
     fused = mlp(x)
     torch.manual_seed(7)
-    keep = dropout_keep_mask(mlp.fc1(x), 0.25)
+    keep = dropout_keep_mask(mlp.fc1(x), 0.25).bool()
     reference = mlp.fc2(torch.where(keep, F.relu(mlp.fc1(x)), 0) / 0.75)
     torch.testing.assert_close(fused, reference)
-    grad_fused, = torch.autograd.grad(fused.sum(), x)
-    grad_reference, = torch.autograd.grad(reference.sum(), x)
-    torch.testing.assert_close(grad_fused, grad_reference)
+    inputs = (x, *mlp.parameters())  # the backward pass is written by hand: every gradient is checked
+    weights = torch.randn_like(fused)  # a loss whose output gradient differs by element
+    for grad_fused, grad_reference in zip(torch.autograd.grad((fused * weights).sum(), inputs),
+                                          torch.autograd.grad((reference * weights).sum(), inputs)):
+        torch.testing.assert_close(grad_fused, grad_reference)
+
+
+def test_mlp_training_backward_passes_gradcheck_without_dropout():
+    mlp = GroupedMLP(2, 3, 5, 2, dropout=0.0).double().train()
+    x = torch.randn(2, 4, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *params: torch.func.functional_call(
+        mlp, dict(zip([name for name, _ in mlp.named_parameters()], params)), (x,)), (x, *mlp.parameters()))
 
 
 def test_weighted_head_starts_as_the_mean_head():

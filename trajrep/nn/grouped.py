@@ -46,11 +46,13 @@ def _flatten_members(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
 
 
 def dropout_keep_mask(like: Tensor, p: float) -> Tensor:
-    """A Bernoulli(1 - p) keep mask (bool, shaped like `like`) cut from raw random bits: 8 bits an element, or 16
-    (p then rounded to a multiple of 2^-16) where p is not a multiple of 1/256.
+    """A Bernoulli(1 - p) keep mask of 0s and 1s, shaped like `like` and of its dtype, cut from raw random bits: 8
+    bits an element, or 16 (p then rounded to a multiple of 2^-16) where p is not a multiple of 1/256.
 
     Why: torch draws dropout masks with `bernoulli_`, about 10 ns an element on a CPU, which dominated the grids'
-    training steps (330 MLPs x 256 examples x 512 units a step); 64-bit words cut into bytes cost about 1 ns.
+    training steps (330 MLPs x 256 examples x 512 units a step); 64-bit words cut into bytes cost about 1 ns. The
+    bits become 0/1 by integer clamps (a comparison would give a bool tensor, and torch's CPU kernels that read
+    bools run several times slower than those on numbers).
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
@@ -58,15 +60,18 @@ def dropout_keep_mask(like: Tensor, p: float) -> Tensor:
     dtype, lowest = (torch.uint8, 0) if bits == 8 else (torch.int16, -2 ** 15)
     words = torch.empty(-(-like.numel() * bits // 64), dtype=torch.int64, device=like.device)
     values = words.random_(-2 ** 63, None).view(dtype)[: like.numel()].view(like.shape)  # full 64-bit range
-    return values >= lowest + round(p * 2 ** bits)
+    threshold = lowest + round(p * 2 ** bits)  # keep the values >= threshold
+    if threshold == lowest or threshold >= lowest + 2 ** bits:  # p rounded to 0 or to 1
+        return torch.full_like(like, float(threshold == lowest))
+    return values.clamp_(threshold - 1, threshold).sub_(threshold - 1).to(like.dtype)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout, as F.dropout, with the mask from `dropout_keep_mask`."""
     if not training or p == 0:
         return x
-    with torch.no_grad():  # one float mask that carries the 1 / (1 - p): one multiply forward, one backward
-        scaled_keep = dropout_keep_mask(x, p).to(x.dtype).mul_(1 / (1 - p))
+    with torch.no_grad():  # one mask that carries the 1 / (1 - p): one multiply forward, one backward
+        scaled_keep = dropout_keep_mask(x, p).mul_(1 / (1 - p))
     return x * scaled_keep
 
 
@@ -95,10 +100,9 @@ class GroupedLinear(nn.Module):
                 self.weight[g].copy_(weight.T)
                 self.bias[g].copy_(bias)
 
-    def forward(self, x: Tensor, input_scale: float = 1.0) -> Tensor:
-        """bias + (input_scale * x) @ weight; the scale rides on the matmul for free."""
+    def forward(self, x: Tensor) -> Tensor:
         flat, middle = _flatten_members(x)
-        out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight, alpha=input_scale)
+        out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight)
         return out.view(self.num_members, *middle, self.out_features)
 
     @torch.no_grad()
@@ -114,6 +118,70 @@ class GroupedLinear(nn.Module):
         linear.weight.copy_(self.weight[g].T)
         linear.bias.copy_(self.bias[g])
         return linear
+
+
+class _GRUSequence(torch.autograd.Function):
+    """The recurrence of G GRU cells over T steps from h0 = 0, dropout on h after every step (the dropped h is fed
+    back), with its backward pass through time written by hand: (G, B, T, 3H) input gates -> the last h (G, B, H).
+
+    Why: autograd's recurrence concatenated the three gate gradients of every step (`chunk`'s backward) and copied
+    the hidden bias into every step's gates, a third of the GRU grid's step (`benchmarks/RESULTS.md`). Here each
+    step keeps the tensors it made for the backward pass, which writes every step's gate gradients into slices of
+    one tensor per kind of gate; the first step, from h0 = 0, needs no matmul. h' = n + z (h - n) is torch's
+    (1 - z) n + z h.
+    """
+
+    @staticmethod
+    def forward(ctx, input_gates: Tensor, weight_hh: Tensor, bias_hh: Tensor, p: float, training: bool,
+                keep_for_backward: bool) -> Tensor:
+        G, B, T, three_h = input_gates.shape
+        H = three_h // 3
+        ctx.dropped = training and p > 0
+        h, saved = input_gates.new_zeros(G, B, H), []
+        for t in range(T):
+            gates = input_gates[:, :, t]
+            hidden = bias_hh.unsqueeze(1) if t == 0 else torch.baddbmm(bias_hh.unsqueeze(1), h, weight_hh)
+            hidden = hidden.expand(G, B, three_h)
+            rz = torch.add(gates[..., :2 * H], hidden[..., :2 * H]).sigmoid_()
+            n = torch.addcmul(gates[..., 2 * H:], rz[..., :H], hidden[..., 2 * H:]).tanh_()
+            step = [h, rz, n, hidden]
+            h = torch.lerp(n, h, rz[..., H:])
+            if ctx.dropped:
+                keep = dropout_keep_mask(h, p).mul_(1 / (1 - p))
+                h.mul_(keep)
+                step.append(keep)
+            saved += step if keep_for_backward else []
+        ctx.save_for_backward(weight_hh, *saved)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor) -> tuple[Tensor | None, ...]:
+        weight_hh, *saved = ctx.saved_tensors
+        per_step = 5 if ctx.dropped else 4
+        steps = [saved[i:i + per_step] for i in range(0, len(saved), per_step)]
+        G, B, H = grad_h.shape
+        T = len(steps)
+        grad_gates = grad_h.new_empty(G, B, T, 3 * H)  # of the input gates
+        grad_weight = weight_hh.new_zeros(weight_hh.shape)
+        grad_bias = weight_hh.new_zeros(G, 3 * H)
+        for t in reversed(range(T)):
+            h_prev, rz, n, hidden, *keep = steps[t]
+            r, z = rz[..., :H], rz[..., H:]
+            g = grad_h * keep[0] if ctx.dropped else grad_h  # through step t's dropout
+            grad_n = (g * (1 - z)).mul_(1 - n * n)  # through h' = n + z (h - n) and n's tanh
+            grad_hidden = torch.empty_like(grad_gates[:, :, 0])  # of the hidden gates, bias included
+            torch.mul(grad_n * hidden[..., 2 * H:], r * (1 - r), out=grad_hidden[..., :H])
+            torch.mul(g * (h_prev - n), z * (1 - z), out=grad_hidden[..., H:2 * H])
+            torch.mul(grad_n, r, out=grad_hidden[..., 2 * H:])
+            grad_gates[:, :, t, :2 * H] = grad_hidden[..., :2 * H]
+            grad_gates[:, :, t, 2 * H:] = grad_n
+            grad_bias += grad_hidden.sum(1)
+            if t > 0:  # h0 = 0 is a constant and adds nothing to W_hh's gradient
+                grad_weight.baddbmm_(h_prev.transpose(1, 2), grad_hidden)
+                grad_h = torch.baddbmm(g * z, grad_hidden, weight_hh.transpose(1, 2))
+        needs = ctx.needs_input_grad
+        return (grad_gates if needs[0] else None, grad_weight if needs[1] else None,
+                grad_bias if needs[2] else None, None, None, None)
 
 
 class GroupedGRUCell(nn.Module):
@@ -160,6 +228,13 @@ class GroupedGRUCell(nn.Module):
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         return self.recur(self.project_input(x), h)
 
+    def run(self, input_gates: Tensor, dropout_p: float = 0.0, training: bool = False) -> Tensor:
+        """The last hidden state after all T steps from h0 = 0, for input gates (G, B, T, 3H) from
+        `project_input`; with `training`, dropout after every step, the dropped h fed back (`_GRUSequence`)."""
+        keep = torch.is_grad_enabled() and (input_gates.requires_grad or self.weight_hh.requires_grad)
+        return _apply_as_autocast_would(_GRUSequence, (input_gates, self.weight_hh, self.bias_hh), dropout_p,
+                                        training, keep)
+
     @torch.no_grad()
     def load_gru_cell(self, g: int, cell: nn.GRUCell) -> None:
         """Overwrite member g with the weights of a plain nn.GRUCell."""
@@ -186,14 +261,67 @@ class GroupedLayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (x.shape[0], *([1] * (x.dim() - 2)), self.dim)
-        return F.layer_norm(x, (self.dim,), eps=self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return torch.addcmul(self.bias.view(shape), F.layer_norm(x, (self.dim,), eps=self.eps), self.weight.view(shape))
+
+
+def _apply_as_autocast_would(function: type[torch.autograd.Function], tensors: Sequence[Tensor], *options):
+    """Run a hand-written autograd Function as autocast runs matmuls: its tensors cast to autocast's dtype outside
+    the Function (so that autograd casts their gradients back) and autocast off inside, where its backward pass
+    would otherwise meet tensors of two dtypes."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return function.apply(*tensors, *options)
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return function.apply(*(tensor.to(dtype) for tensor in tensors), *options)
+
+
+class _ReLUDropoutMLP(torch.autograd.Function):
+    """Training forward and backward of Linear -> ReLU -> Dropout -> Linear over members, (G, N, in) -> (G, N, out).
+
+    Written by hand because the hidden activations (330 members x 256 examples x 512 units in the MLP grid) are
+    the one large tensor of a probe step, and every pass over them costs more than the matmuls (K = 32 and 10;
+    `benchmarks/RESULTS.md`, "Probe grids"):
+    - fc1's bias rides in its matmul (a column of ones on the input), not in a copy of the bias into the output,
+      and its gradient comes out of the weight gradient's matmul, not from a sum over the hidden gradient;
+    - the dropout mask multiplies the fc1 output in place, ReLU follows in place, and the backward pass masks the
+      hidden gradient from the kept output alone (ReLU's `threshold_backward`): no mask is kept;
+    - dropout's 1 / (1 - p) rides on the small tensors: fc2's matmul forward, the output gradient backward;
+    - fc2's weight gradient is formed transposed, (out, hidden), the layout MKL's batched matmul runs twice as fast.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor,
+                p: float) -> Tensor:
+        x_ones = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
+        hidden = torch.bmm(x_ones, torch.cat([weight1, bias1.unsqueeze(1)], dim=1))
+        if p > 0:
+            hidden.mul_(dropout_keep_mask(hidden, p))
+        hidden.relu_()
+        ctx.scale = 1 / (1 - p)
+        ctx.save_for_backward(x_ones, weight1, weight2, hidden)
+        return torch.baddbmm(bias2.unsqueeze(1), hidden, weight2, alpha=ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x_ones, weight1, weight2, hidden = ctx.saved_tensors
+        scaled_out = grad_out * ctx.scale
+        grad_hidden = torch.bmm(scaled_out, weight2.transpose(1, 2))
+        torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden, 0, grad_input=grad_hidden)
+        needs = ctx.needs_input_grad
+        grad_fc1 = torch.bmm(x_ones.transpose(1, 2), grad_hidden) if needs[1] or needs[2] else None
+        return (torch.bmm(grad_hidden, weight1.transpose(1, 2)) if needs[0] else None,
+                grad_fc1[:, :-1] if needs[1] else None,
+                grad_fc1[:, -1] if needs[2] else None,
+                torch.bmm(scaled_out.transpose(1, 2), hidden).transpose(1, 2) if needs[3] else None,
+                grad_out.sum(1) if needs[4] else None,
+                None)
 
 
 class GroupedMLP(nn.Module):
     """Linear -> ReLU -> Dropout -> Linear per member; dropout masks are independent across members.
 
-    In training, ReLU and dropout are one multiply by a 0/1 mask computed without grad, and dropout's 1 / (1 - p)
-    is applied by the second matmul: a third of the memory passes of relu, dropout and their backward passes.
+    ReLU and dropout act in place on the hidden activations, forward and (in training, `_ReLUDropoutMLP`) backward.
     """
 
     def __init__(self, num_members: int, in_features: int, hidden_features: int, out_features: int,
@@ -204,12 +332,12 @@ class GroupedMLP(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.fc1(x)
-        if not self.training or self.dropout == 0:
-            return self.fc2(F.relu(hidden))
-        with torch.no_grad():
-            keep = (dropout_keep_mask(hidden, self.dropout) & (hidden > 0)).to(hidden.dtype)
-        return self.fc2(hidden * keep, input_scale=1 / (1 - self.dropout))
+        if not self.training:
+            return self.fc2(self.fc1(x).relu_())
+        flat, middle = _flatten_members(x)
+        out = _apply_as_autocast_would(_ReLUDropoutMLP, (flat, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                                         self.fc2.bias), self.dropout)
+        return out.view(x.shape[0], *middle, self.fc2.out_features)
 
 
 def _expand_key_mask(key_mask: Tensor) -> Tensor:
@@ -240,10 +368,19 @@ class GroupedMultiheadSelfAttention(nn.Module):
         """(G, B, L, D) -> (G, B, heads, L, head_dim)."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
 
+    def _project_qkv(self, x: Tensor) -> Tensor:
+        """q, k and v side by side, (G, ..., 3D), from one matmul: x is read once, and its gradient comes out of one
+        matmul instead of three summed."""
+        flat, middle = _flatten_members(x)
+        layers = (self.query, self.key, self.value)
+        out = torch.baddbmm(torch.cat([layer.bias for layer in layers], dim=1).unsqueeze(1), flat,
+                            torch.cat([layer.weight for layer in layers], dim=2))
+        return out.view(x.shape[0], *middle, out.shape[-1])
+
     def forward(self, x: Tensor, key_mask: Tensor | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """(G, B, L, D) -> (output (G, B, L, D), head-averaged weights (G, B, L, L) or None)."""
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        q, k, v = (self._heads(part) for part in self._project_qkv(x).chunk(3, dim=-1))
         mask = None if key_mask is None else _expand_key_mask(key_mask.to(torch.bool))
         if need_weights:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)

@@ -72,7 +72,9 @@ def build_head(name: str, **kwargs):
 
 
 # Members per chunk, the fastest on a 2-core CPU (fewer, larger kernels vs activations that stay in cache):
-# `python benchmarks/probe_grid.py --chunks` measures them.
+# `python benchmarks/probe_grid.py --chunks` measures them. Even counts: a batched matmul shares its members out
+# between the threads, and 3 members on 2 threads ran the Transformer's matmuls at 0.7x the rate of 2 members
+# (`python benchmarks/probe_profile.py --floor`, benchmarks/RESULTS.md).
 HEADS = "trajrep.nn.probes"
 register("mlp", Kind(f"{HEADS}:MLPHead", "best single t", "mlp", single_time=True, cpu_chunk=16))
 register("linear", Kind(f"{HEADS}:LinearHead", "linear, best t", "linear", single_time=True))
@@ -82,6 +84,6 @@ register("mean", Kind(f"{HEADS}:MeanHead", "mean", "mean", cpu_chunk=16))
 register("weighted", Kind(f"{HEADS}:WeightedHead", "weighted", "weighted", cpu_chunk=16))
 register("gru", Kind(f"{HEADS}:GRUHead", "GRU", "gru", mixer=True, cpu_chunk=6))
 register("transformer", Kind(f"{HEADS}:TransformerHead", "Transformer", "transformer", mixer=True, attention=True,
-                             cpu_chunk=3))
+                             cpu_chunk=2))
 register("continuous", Kind(f"{HEADS}:ContinuousTransformerHead", "continuous", "continuous", mixer=True,
-                            attention=True, cpu_chunk=3))
+                            attention=True, cpu_chunk=2))
