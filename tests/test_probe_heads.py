@@ -196,19 +196,28 @@ def test_gru_recurrence_backward_through_time_matches_autograd_with_dropout():
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("kind", [MLPHead, GRUHead, TransformerHead])
+@pytest.mark.parametrize("kind", [MLPHead, GRUHead, TransformerHead])  # the Transformer: its FFN is the MLP's
 def test_hand_written_backward_passes_run_under_bf16_autocast(kind):
-    """The MLP's and the GRU's own backward passes under autocast: float32 gradients within bf16's error of the
-    float32 ones."""
+    """The MLP's and the GRU's own backward passes after a forward pass under autocast (the backward pass runs
+    outside it, as Lightning's does): float32 gradients within bf16's error of the float32 ones."""
     extra = {"time_index": [0, 1]} if kind is MLPHead else {}
     head = kind(2, D_IN, T, [C], [0, 1], dropout=0.0, **extra).float().train()
     x = torch.randn(2, 8, T, D_IN, dtype=torch.float32)
     exact = torch.autograd.grad(head(x).square().sum(), list(head.parameters()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = torch.autograd.grad(head(x).float().square().sum(), list(head.parameters()))
+        loss = head(x).float().square().sum()
+    low = torch.autograd.grad(loss, list(head.parameters()))
     assert all(got.dtype == torch.float32 for got in low)
     low, exact = torch.cat([got.flatten() for got in low]), torch.cat([expected.flatten() for expected in exact])
     assert (low - exact).norm() <= 0.05 * exact.norm()  # bf16 rounding, and a few ReLUs near 0 flip
+
+
+def test_bias_only_training_of_the_gru_gets_its_gradient():
+    head = GRUHead(2, D_IN, T, [C], [0, 1], hidden_dim=6, dropout=0.0)
+    head.requires_grad_(False)
+    head.cell.bias_hh.requires_grad_(True)
+    head(torch.randn(2, 4, T, D_IN)).sum().backward()
+    assert head.cell.bias_hh.grad is not None and head.cell.bias_hh.grad.abs().sum() > 0
 
 
 def test_transformer_grid_trains_like_separate_transformers():
@@ -365,6 +374,11 @@ def test_dropout_keeps_one_minus_p_and_preserves_the_mean(p):
     assert dropout(x, p, training=False) is x
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         dropout_keep_mask(x, 1.0)
+
+
+@pytest.mark.parametrize("p, kept", [(1e-6, 1.0), (1 - 1e-6, 0.0)])  # p rounds to 0 or to 1 at 16 bits
+def test_dropout_masks_at_probabilities_that_round_to_0_or_1(p, kept):
+    assert (dropout_keep_mask(torch.randn(50, 40), p) == kept).all()
 
 
 def test_fused_relu_dropout_matches_relu_then_dropout_with_the_same_mask():

@@ -61,8 +61,8 @@ def dropout_keep_mask(like: Tensor, p: float) -> Tensor:
     words = torch.empty(-(-like.numel() * bits // 64), dtype=torch.int64, device=like.device)
     values = words.random_(-2 ** 63, None).view(dtype)[: like.numel()].view(like.shape)  # full 64-bit range
     threshold = lowest + round(p * 2 ** bits)  # keep the values >= threshold
-    if threshold == lowest or threshold >= lowest + 2 ** bits:  # p rounded to 0 or to 1
-        return torch.full_like(like, float(threshold == lowest))
+    if threshold == lowest or threshold >= lowest + 2 ** bits:  # p rounded to 0 or to 1 (the bits are drawn
+        return torch.full_like(like, float(threshold == lowest))  # all the same: the random stream stays aligned)
     return values.clamp_(threshold - 1, threshold).sub_(threshold - 1).to(like.dtype)
 
 
@@ -124,11 +124,11 @@ class _GRUSequence(torch.autograd.Function):
     """The recurrence of G GRU cells over T steps from h0 = 0, dropout on h after every step (the dropped h is fed
     back), with its backward pass through time written by hand: (G, B, T, 3H) input gates -> the last h (G, B, H).
 
-    Why: autograd's recurrence concatenated the three gate gradients of every step (`chunk`'s backward) and copied
-    the hidden bias into every step's gates, a third of the GRU grid's step (`benchmarks/RESULTS.md`). Here each
-    step keeps the tensors it made for the backward pass, which writes every step's gate gradients into slices of
-    one tensor per kind of gate; the first step, from h0 = 0, needs no matmul. h' = n + z (h - n) is torch's
-    (1 - z) n + z h.
+    Why: autograd's recurrence concatenated the three gate gradients of every step (`chunk`'s backward), 246 ms of
+    a 1.2 s profiled GRU grid step (`benchmarks/RESULTS.md`). Here each step keeps the tensors it made for the
+    backward pass, which writes every step's gate gradients into slices of one input-gate gradient tensor (and of
+    one temporary per step for the hidden gates); the first step, from h0 = 0, needs no matmul. h' = n + z (h - n)
+    is torch's (1 - z) n + z h.
     """
 
     @staticmethod
@@ -216,7 +216,8 @@ class GroupedGRUCell(nn.Module):
         return out.view(self.num_members, *middle, 3 * self.hidden_size)
 
     def recur(self, input_gates: Tensor, h: Tensor) -> Tensor:
-        """One step from precomputed input gates (G, B, 3H) and the hidden state (G, B, H)."""
+        """One step from precomputed input gates (G, B, 3H) and the hidden state (G, B, H), through autograd. The
+        GRU head runs whole sequences with `run`; this step is the reference its tests compare `run` with."""
         hidden_gates = torch.baddbmm(self.bias_hh.unsqueeze(1), h, self.weight_hh)
         i_r, i_z, i_n = input_gates.chunk(3, dim=-1)
         h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
@@ -231,7 +232,8 @@ class GroupedGRUCell(nn.Module):
     def run(self, input_gates: Tensor, dropout_p: float = 0.0, training: bool = False) -> Tensor:
         """The last hidden state after all T steps from h0 = 0, for input gates (G, B, T, 3H) from
         `project_input`; with `training`, dropout after every step, the dropped h fed back (`_GRUSequence`)."""
-        keep = torch.is_grad_enabled() and (input_gates.requires_grad or self.weight_hh.requires_grad)
+        keep = torch.is_grad_enabled() and any(tensor.requires_grad
+                                               for tensor in (input_gates, self.weight_hh, self.bias_hh))
         return _apply_as_autocast_would(_GRUSequence, (input_gates, self.weight_hh, self.bias_hh), dropout_p,
                                         training, keep)
 
@@ -265,15 +267,16 @@ class GroupedLayerNorm(nn.Module):
 
 
 def _apply_as_autocast_would(function: type[torch.autograd.Function], tensors: Sequence[Tensor], *options):
-    """Run a hand-written autograd Function as autocast runs matmuls: its tensors cast to autocast's dtype outside
-    the Function (so that autograd casts their gradients back) and autocast off inside, where its backward pass
-    would otherwise meet tensors of two dtypes."""
+    """Run a hand-written autograd Function as autocast runs matmuls: its float32 tensors cast to autocast's dtype
+    outside the Function (so that autograd casts their gradients back; other dtypes are left as autocast leaves
+    them) and autocast off inside, where its backward pass would otherwise meet tensors of two dtypes."""
     device = tensors[0].device.type
     if not torch.is_autocast_enabled(device):
         return function.apply(*tensors, *options)
     dtype = torch.get_autocast_dtype(device)
     with torch.autocast(device, enabled=False):
-        return function.apply(*(tensor.to(dtype) for tensor in tensors), *options)
+        return function.apply(*(tensor.to(dtype) if tensor.dtype == torch.float32 else tensor
+                                for tensor in tensors), *options)
 
 
 class _ReLUDropoutMLP(torch.autograd.Function):
@@ -348,7 +351,8 @@ def _expand_key_mask(key_mask: Tensor) -> Tensor:
 
 
 class GroupedMultiheadSelfAttention(nn.Module):
-    """Multi-head self-attention per member, no attention dropout; q, k, v and output as separate linears.
+    """Multi-head self-attention per member, no attention dropout; q, k, v and output as separate linears (q, k
+    and v computed by one matmul over their stacked weights).
 
     `key_mask` (bool, True = excluded) of shape (L,), (B, L) or (G, B, L) removes keys from every query's
     softmax, so they get exactly zero weight (masking all keys of a query gives NaN, as in torch).

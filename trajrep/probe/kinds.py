@@ -72,9 +72,8 @@ def build_head(name: str, **kwargs):
 
 
 # Members per chunk, the fastest on a 2-core CPU (fewer, larger kernels vs activations that stay in cache):
-# `python benchmarks/probe_grid.py --chunks` measures them. Even counts: a batched matmul shares its members out
-# between the threads, and 3 members on 2 threads ran the Transformer's matmuls at 0.7x the rate of 2 members
-# (`python benchmarks/probe_profile.py --floor`, benchmarks/RESULTS.md).
+# `python benchmarks/probe_grid.py --chunks` measures them. The Transformer's matmuls ran fastest with 2 members
+# per batched matmul (328 GFLOP/s against 294 for one, 243 for 3 and about 205 for 4 or more; benchmarks/RESULTS.md).
 HEADS = "trajrep.nn.probes"
 register("mlp", Kind(f"{HEADS}:MLPHead", "best single t", "mlp", single_time=True, cpu_chunk=16))
 register("linear", Kind(f"{HEADS}:LinearHead", "linear, best t", "linear", single_time=True))
