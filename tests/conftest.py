@@ -80,8 +80,11 @@ def kill_when(command: list[str], ready: Callable[[], bool], cwd: pathlib.Path, 
     return its exit code; fail if it ends or times out first."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would stall a chatty child
+        # SIGINT back to its default in the child: a shell starts background jobs with SIGINT ignored, and an
+        # ignored SIGINT would be inherited, so the child would never see the Ctrl+C the test sends.
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + timeout
         while not ready():
             if process.poll() is not None:
