@@ -61,17 +61,22 @@ def dropout_keep_mask(like: Tensor, p: float) -> Tensor:
     words = torch.empty(-(-like.numel() * bits // 64), dtype=torch.int64, device=like.device)
     values = words.random_(-2 ** 63, None).view(dtype)[: like.numel()].view(like.shape)  # full 64-bit range
     threshold = lowest + round(p * 2 ** bits)  # keep the values >= threshold
-    if threshold == lowest or threshold >= lowest + 2 ** bits:  # p rounded to 0 or to 1 (the bits are drawn
-        return torch.full_like(like, float(threshold == lowest))  # all the same: the random stream stays aligned)
+    if threshold == lowest or threshold >= lowest + 2 ** bits:  # p rounded to 0 or to 1; the bits were drawn
+        return torch.full_like(like, float(threshold == lowest))  # anyway, so the random stream stays aligned
     return values.clamp_(threshold - 1, threshold).sub_(threshold - 1).to(like.dtype)
+
+
+def scaled_keep_mask(like: Tensor, p: float) -> Tensor:
+    """`dropout_keep_mask` times inverted dropout's 1 / (1 - p): one multiply forward, one backward."""
+    return dropout_keep_mask(like, p).mul_(1 / (1 - p))
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout, as F.dropout, with the mask from `dropout_keep_mask`."""
     if not training or p == 0:
         return x
-    with torch.no_grad():  # one mask that carries the 1 / (1 - p): one multiply forward, one backward
-        scaled_keep = dropout_keep_mask(x, p).mul_(1 / (1 - p))
+    with torch.no_grad():
+        scaled_keep = scaled_keep_mask(x, p)
     return x * scaled_keep
 
 
@@ -120,6 +125,19 @@ class GroupedLinear(nn.Module):
         return linear
 
 
+def _apply_as_autocast_would(function: type[torch.autograd.Function], tensors: Sequence[Tensor], *options):
+    """Run a hand-written autograd Function as autocast runs matmuls: its float32 tensors cast to autocast's dtype
+    outside the Function (so that autograd casts their gradients back; other dtypes are left as autocast leaves
+    them) and autocast off inside, where its backward pass would otherwise meet tensors of two dtypes."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return function.apply(*tensors, *options)
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return function.apply(*(tensor.to(dtype) if tensor.dtype == torch.float32 else tensor
+                                for tensor in tensors), *options)
+
+
 class _GRUSequence(torch.autograd.Function):
     """The recurrence of G GRU cells over T steps from h0 = 0, dropout on h after every step (the dropped h is fed
     back), with its backward pass through time written by hand: (G, B, T, 3H) input gates -> the last h (G, B, H).
@@ -147,10 +165,11 @@ class _GRUSequence(torch.autograd.Function):
             step = [h, rz, n, hidden]
             h = torch.lerp(n, h, rz[..., H:])
             if ctx.dropped:
-                keep = dropout_keep_mask(h, p).mul_(1 / (1 - p))
+                keep = scaled_keep_mask(h, p)
                 h.mul_(keep)
                 step.append(keep)
-            saved += step if keep_for_backward else []
+            if keep_for_backward:
+                saved += step
         ctx.save_for_backward(weight_hh, *saved)
         return h
 
@@ -264,19 +283,6 @@ class GroupedLayerNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = (x.shape[0], *([1] * (x.dim() - 2)), self.dim)
         return torch.addcmul(self.bias.view(shape), F.layer_norm(x, (self.dim,), eps=self.eps), self.weight.view(shape))
-
-
-def _apply_as_autocast_would(function: type[torch.autograd.Function], tensors: Sequence[Tensor], *options):
-    """Run a hand-written autograd Function as autocast runs matmuls: its float32 tensors cast to autocast's dtype
-    outside the Function (so that autograd casts their gradients back; other dtypes are left as autocast leaves
-    them) and autocast off inside, where its backward pass would otherwise meet tensors of two dtypes."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return function.apply(*tensors, *options)
-    dtype = torch.get_autocast_dtype(device)
-    with torch.autocast(device, enabled=False):
-        return function.apply(*(tensor.to(dtype) if tensor.dtype == torch.float32 else tensor
-                                for tensor in tensors), *options)
 
 
 class _ReLUDropoutMLP(torch.autograd.Function):
