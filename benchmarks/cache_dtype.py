@@ -17,6 +17,7 @@ from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.extract import build_cache
 from trajrep.pretrain.module import PretrainModule
+from trajrep.nn.probes import MLPOptions
 from trajrep.probe.module import ProbeModule
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -42,7 +43,7 @@ def probe(checkpoint: Path, dtype: str, cache_dir: Path, epochs: int) -> tuple[i
     build_cache(data)
     size = sum(path.stat().st_size for path in data.cache_path.glob("**/*.npy"))
     pl.seed_everything(0)
-    module = ProbeModule(kind="mlp", learning_rates=[1e-3], seeds=data.seeds, num_classes=data.num_classes,
+    module = ProbeModule(MLPOptions(), learning_rates=[1e-3], seeds=data.seeds, num_classes=data.num_classes,
                          task_names=data.task_names, feature_dim=data.feature_dim, times=data.times,
                          results_dir=str(cache_dir / "results"))
     pl.Trainer(accelerator="cpu", max_epochs=epochs, **QUIET).fit(module, datamodule=data)

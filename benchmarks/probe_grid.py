@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trajrep.data.representations import ProbeData
 from trajrep.nn.probes import sinusoidal_encoding
-from trajrep.probe.kinds import kind_of
+from trajrep.probe.kinds import default_options, kind_of
 from trajrep.probe.module import PAPER_LEARNING_RATES, ProbeModule
 from trajrep.probe.selection import best_epochs, summarise
 
@@ -125,7 +125,7 @@ def vectorised(kind: str, data: dict, epochs: int, times: list[float], member_ch
                accelerator: str = "cpu") -> list[dict]:
     probe_data = ProbeData.from_tensors(data, times, [10], SEEDS, task_names=["class"])
     with tempfile.TemporaryDirectory() as results_dir:
-        module = ProbeModule(kind=kind, seeds=SEEDS, num_classes=[10], task_names=["class"],
+        module = ProbeModule(default_options(kind), seeds=SEEDS, num_classes=[10], task_names=["class"],
                              feature_dim=probe_data.feature_dim, times=times, results_dir=results_dir,
                              member_chunk=member_chunk, export_attention=False)  # work the sequential side skips
         pl.Trainer(max_epochs=epochs, accelerator=accelerator, logger=False, enable_checkpointing=False,
@@ -140,8 +140,8 @@ def vectorised(kind: str, data: dict, epochs: int, times: list[float], member_ch
 def training_step(kind: str, data: dict, times: list[float], member_chunk: int | None, repeats: int = 2,
                   device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """(FLOPs, best seconds) of one training step of the vectorised grid (forward, backward, clip, Adam)."""
-    module = ProbeModule(kind=kind, seeds=SEEDS, num_classes=[10], feature_dim=data["train"][0].shape[-1],
-                         times=times, member_chunk=member_chunk).to(device)
+    module = ProbeModule(default_options(kind), seeds=SEEDS, num_classes=[10],
+                         feature_dim=data["train"][0].shape[-1], times=times, member_chunk=member_chunk).to(device)
     optimizer = module.configure_optimizers()
     x = data["train"][0][:256].unsqueeze(0).expand(len(SEEDS), -1, -1, -1).contiguous().to(device)
     y = data["train"][1][:256].unsqueeze(0).expand(len(SEEDS), -1).contiguous().to(device)

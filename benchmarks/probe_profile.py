@@ -20,7 +20,7 @@ from common import best_seconds
 from probe_grid import SEEDS, gaussian_representations
 from torch.utils.flop_counter import FlopCounterMode
 from trajrep.data.representations import ProbeData
-from trajrep.probe.kinds import kind_of
+from trajrep.probe.kinds import default_options, kind_of
 from trajrep.probe.module import PAPER_LEARNING_RATES, ProbeModule
 
 # Each kind's largest matmul at the benchmark's sizes (batch 256, d = 32, 11 t + CLS, default widths), as
@@ -33,7 +33,7 @@ def profiled_grid(kind: str, data: dict, epochs: int, times: list[float]) -> tup
     probe_data = ProbeData.from_tensors(data, times, [10], SEEDS, task_names=["class"])
     with tempfile.TemporaryDirectory() as results_dir:
         profiler = SimpleProfiler(dirpath=results_dir, filename="profile")  # its own report: a file, not stdout
-        module = ProbeModule(kind=kind, seeds=SEEDS, num_classes=[10], task_names=["class"],
+        module = ProbeModule(default_options(kind), seeds=SEEDS, num_classes=[10], task_names=["class"],
                              feature_dim=probe_data.feature_dim, times=times, results_dir=results_dir,
                              export_attention=False)
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -69,7 +69,7 @@ def operator_profile(kind: str, data: dict, times: list[float], top: int) -> Non
     """The operators of a training step (per-seed batches of 256, as in fit) and of an evaluation batch (the val
     split, 500 examples, as one batch) of the vectorised grid, by self CPU time; and the two wall times."""
     x, y = data["train"]
-    module = ProbeModule(kind=kind, seeds=SEEDS, num_classes=[10], feature_dim=x.shape[-1], times=times)
+    module = ProbeModule(default_options(kind), seeds=SEEDS, num_classes=[10], feature_dim=x.shape[-1], times=times)
     optimizer = module.configure_optimizers()
     rows = torch.stack([torch.randperm(len(x), generator=torch.Generator().manual_seed(s))[:256] for s in SEEDS])
     batch_x, batch_y, (val_x, _) = x[rows], y[rows], data["val"]

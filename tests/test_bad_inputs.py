@@ -292,9 +292,10 @@ def test_image_folder_ignores_other_files_converts_grey_and_keeps_empty_classes(
 
 def test_misspelled_head_option_is_one_line_with_the_options(tiny_checkpoint, tmp_path, capsys):
     args = probe(tiny_checkpoint, tmp_path, "--config", str(REPO / "configs" / "probe" / "transformer.yaml"),
-                 f"--data.checkpoint={tiny_checkpoint}", '--model.head_kwargs={"d_modle": 8}')
+                 f"--data.checkpoint={tiny_checkpoint}", "--model.head.d_modle=8")
     error = one_line_error(args, capsys)
-    assert "'d_modle' not an option of the transformer head" in error and "d_model" in error
+    assert "model.head: Option 'd_modle' is not accepted" in error
+    assert "the options of TransformerOptions: d_model, num_heads, ffn_dim, num_applications, dropout" in error
 
 
 def test_probing_a_checkpoint_on_images_of_another_shape_is_one_line(tiny_checkpoint, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The `trajrep` command end to end: configs parse, the quickstart trains and resumes, bad input fails clearly."""
 
+import dataclasses
 import logging
 import pathlib
 import subprocess
@@ -8,13 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
-from conftest import QUICKSTART, fake_cifar, tiny_fit_args
+from conftest import QUICKSTART, REPO, fake_cifar, tiny_fit_args
 import trajrep.lightning_cli
 from trajrep.cli import main
 from trajrep.errors import TrajrepError
+from trajrep.nn.probes import HeadOptions
 from trajrep.pretrain.module import PretrainModule
 from trajrep.probe.module import ProbeModule
 from trajrep.threads import available_cpus
@@ -62,13 +65,27 @@ def test_every_option_of_a_configurable_class_has_a_help_text(cls):
     assert options and [dest for dest in options if not parser._option_string_actions[f"--{dest}"].help] == []
 
 
-def test_probe_kind_help_names_the_heads_and_an_unknown_kind_is_refused_with_the_valid_ones(capsys):
+def test_probe_head_help_names_the_heads_options_and_options_of_no_kind_are_refused_with_those_of_the_kinds(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "ProbeModule"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--model.kind KIND the head, a kind of trajrep.probe.kinds: mlp or linear" in help_text
-    with pytest.raises(TrajrepError, match="unknown probe head 'lstm'; valid kinds: concat, continuous, gru, linear"):
-        ProbeModule(kind="lstm")
+    assert "--model.head HEAD the head's options (trajrep.nn.probes), which say its kind" in help_text
+
+    @dataclasses.dataclass(frozen=True)
+    class LSTMOptions(HeadOptions):
+        hidden_dim: int = 8
+
+    with pytest.raises(TrajrepError, match="no probe kind takes head options LSTMOptions; .*: MLPOptions, "
+                                           "LinearOptions, ConcatOptions"):
+        ProbeModule(LSTMOptions())
+
+
+def test_print_config_shows_every_option_of_the_head_and_the_head_chosen_on_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs" / "probe" / "mlp.yaml"), "--model.head=GRUOptions",
+              "--model.head.hidden_dim=8", "--print_config"])
+    head = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["head"]
+    assert head == {"class_path": "trajrep.nn.probes.GRUOptions", "init_args": {"hidden_dim": 8, "dropout": 0.25}}
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def test_chunked_probe_grid_under_ddp_ends_as_in_one_process(tiny_checkpoint, tm
                 f"--data.cache_dir={tmp_path / 'cache'}", "--data.images.init_args.num_train=320",
                 "--data.images.init_args.num_test=160", "--data.granularities=[2]", "--data.seeds=[0,1]",
                 "--data.batch_size=64", "--model.learning_rates=[0.01,0.001,0.0001]", "--model.member_chunk=2",
-                '--model.head_kwargs={"hidden_dim": 16, "dropout": 0.0}', f"--model.results_dir={tmp_path / name}",
+                "--model.head.hidden_dim=16", "--model.head.dropout=0.0", f"--model.results_dir={tmp_path / name}",
                 "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=true",
                 f"--trainer.default_root_dir={tmp_path / name}", "--trainer.accelerator=cpu", *trainer]
         if in_process:  # it starts sooner; the DDP launcher needs a script to start again on each rank

@@ -139,7 +139,7 @@ def test_every_kind_of_probe_reads_one_layer_of_denoiser_features(kind, score_on
 def probe_args(kind: str, checkpoint: pathlib.Path, cache: pathlib.Path, results: pathlib.Path,
                *data: str) -> list[str]:
     """A two-epoch grid of one probe kind on the test cache's blocks (`data`: which of them, and how)."""
-    small = ['--model.head_kwargs={"d_model": 32, "ffn_dim": 64}'] if kind in ("transformer", "continuous") else []
+    small = ["--model.head.d_model=32", "--model.head.ffn_dim=64"] if kind in ("transformer", "continuous") else []
     training = [] if kind == "knn" else ["--data.seeds=[0,1]", "--model.learning_rates=[0.001,0.0001]",
                                          "--trainer.max_epochs=2"]
     return ["validate" if kind == "knn" else "fit", "--config", str(REPO / "configs" / "probe" / f"{kind}.yaml"),

@@ -2,6 +2,7 @@
 weights_only=True, and a non-finite loss stops training without touching the last good checkpoint."""
 
 import ast
+import dataclasses
 import json
 import math
 
@@ -11,6 +12,7 @@ import torch
 from conftest import REPO, tiny_fit_args
 from trajrep.cli import main
 from trajrep.pretrain.module import PretrainModule
+from trajrep.probe.kinds import kind_of
 
 SOURCES = sorted((REPO / "trajrep").rglob("*.py")) + sorted((REPO / "benchmarks").rglob("*.py"))
 
@@ -104,9 +106,21 @@ def test_the_recorded_revision_is_the_one_the_process_started_from(monkeypatch):
     assert results.git_revision() == started
 
 
-def test_committed_result_files_keep_their_names_after_the_probe_modules_moved():
-    """A result file's name carries the digest of its settings, the module's class path among them; records written
-    before the probe package must get the same digest from the class path the CLI records today."""
+def as_recorded_today(model: dict) -> dict:
+    """A ProbeModule's settings of before typed head options (`kind`, `head_kwargs`) as the CLI records them today:
+    the head's options class and every field of it."""
+    if "kind" not in model:
+        return model
+    options = kind_of(model["kind"]).head_class().Options(**(model["head_kwargs"] or {}))
+    today = {key: value for key, value in model.items() if key not in ("kind", "head_kwargs")}
+    return {**today, "head": {"class_path": kind_of(model["kind"]).options_path(),
+                              "init_args": dataclasses.asdict(options)}}
+
+
+def test_committed_result_files_keep_their_names_after_the_probe_modules_moved_and_head_options_were_typed():
+    """A result file's name carries the digest of its settings, the module's class path and the head's options
+    among them; records written before the probe package and before typed head options must get the same digest
+    from the settings the CLI records today."""
     from trajrep.probe.records import result_settings_digest
 
     moved = {"trajrep.probe.ProbeModule": "trajrep.probe.ProbeModule",  # the package exposes it
@@ -120,7 +134,7 @@ def test_committed_result_files_keep_their_names_after_the_probe_modules_moved()
         digest = path.stem.rsplit("-", 1)[1]
         if len(digest) != 8 or digest == context.get("cache_key"):  # older names carry no digest
             continue
-        today = {**model, "_class_path": moved[model["_class_path"]]}
+        today = {**as_recorded_today(model), "_class_path": moved[model["_class_path"]]}
         assert result_settings_digest(today, context["config"]["data"], context["epochs"]) == digest, path
-        checked += 1
-    assert checked > 0
+        checked += bool(model.get("head_kwargs"))
+    assert checked > 0  # among them, records of head options set away from their defaults

@@ -1,19 +1,28 @@
 """A probe kind is one registry entry (trajrep.probe.kinds): registered there, it runs through the CLI, a preset and the
 report without any other file naming it."""
 
+import dataclasses
+
 import pytest
 import yaml
 
 from conftest import REPO
 from trajrep.probe.kinds import KINDS, Kind, single_time_kinds
-from trajrep.nn.probes import MeanHead, SingleTimeHead
+from trajrep.nn.probes import MeanHead, MeanOptions, SingleTimeHead
 from trajrep.analysis.collect import columns, differences
 from trajrep.reproduce import main as reproduce_main
 from trajrep.probe.records import read_results
 
 
+@dataclasses.dataclass(frozen=True)
+class MaxOptions(MeanOptions):
+    """The MLP's options, for the toy mixer."""
+
+
 class MaxHead(MeanHead):
     """A toy mixer: the MLP on each feature's largest value over t."""
+
+    Options = MaxOptions
 
     def forward(self, x, t=None):
         return self.mlp(self.member_batches(x).amax(dim=2))
@@ -50,7 +59,8 @@ def test_a_kind_registered_in_one_place_runs_through_the_cli_a_preset_logged_to_
                     str(tmp_path / "results"), "--wandb-project", "trajrep-toy"])
     (record,) = (tmp_path / "results" / "toy" / "probes").rglob("max-*.json")
     results = read_results(record)
-    assert results["context"]["config"]["model"]["kind"] == "max" and len(results["records"]) == 4 * 2 * 2
+    assert results["context"]["probe"] == "max" and len(results["records"]) == 4 * 2 * 2
+    assert results["context"]["config"]["model"]["head"]["class_path"].endswith("test_kinds.MaxOptions")
     header = (tmp_path / "results" / "toy" / "table.md").read_text().splitlines()[4]
     assert "| max over t |" in header and "| max over t - best t |" in header
     # One W&B run per stage (pretraining, the two probes, the pixels' MLP, the report; a cache logs nothing),

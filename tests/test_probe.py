@@ -13,7 +13,9 @@ from trajrep.data.representations import RepresentationDataModule
 from trajrep.data.synthetic import SyntheticShapes
 from trajrep.errors import TrajrepError
 from trajrep.extract import build_cache
-from trajrep.probe.kinds import head_kinds
+from trajrep.nn.probes import (ContinuousOptions, GRUOptions, HeadOptions, MLPOptions, MeanOptions,
+                               TransformerOptions)
+from trajrep.probe.kinds import head_kinds, kind_of
 from trajrep.probe.evaluation import masked_test_accuracy
 from trajrep.probe.module import ProbeModule
 from trajrep.probe.records import read_results
@@ -25,12 +27,13 @@ def shared_cache(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("probe-cache")
 
 
-SMALL_HEADS = {"transformer": '{"d_model": 32, "ffn_dim": 64}', "continuous": '{"d_model": 32, "ffn_dim": 64}',
-               "gru": '{"hidden_dim": 32}'}
+SMALL_HEADS = {"transformer": ["--model.head.d_model=32", "--model.head.ffn_dim=64"],
+               "continuous": ["--model.head.d_model=32", "--model.head.ffn_dim=64"],
+               "gru": ["--model.head.hidden_dim=32"]}
 
 
 def probe_args(kind: str, checkpoint: pathlib.Path, tmp_path: pathlib.Path, cache: pathlib.Path) -> list[str]:
-    small = [f"--model.head_kwargs={SMALL_HEADS[kind]}"] if kind in SMALL_HEADS else []
+    small = SMALL_HEADS.get(kind, [])
     return [
         "fit", "--config", str(REPO / "configs" / "probe" / f"{kind}.yaml"),
         f"--data.checkpoint={checkpoint}", f"--data.cache_dir={cache}",
@@ -58,7 +61,8 @@ def test_every_head_runs_from_its_config_and_writes_records(kind, tiny_checkpoin
     assert set(results["summary"]) == {"background", "foreground", "location", "shape"}
     if kind in ("mlp", "linear"):
         assert [entry["time"] for entry in results["summary"]["shape"]["per_time"]] == [0.0, 0.5, 1.0]
-    assert results["context"]["config"]["model"]["kind"] == kind
+    assert results["context"]["probe"] == kind
+    assert results["context"]["config"]["model"]["head"]["class_path"] == kind_of(kind).options_path()
 
 
 def test_a_probe_that_first_builds_its_cache_trains_as_one_that_finds_it(tiny_checkpoint, tmp_path):
@@ -151,8 +155,8 @@ def test_a_diverging_probe_member_is_marked_warned_about_and_not_selected(tmp_pa
 
     data = ProbeData.from_tensors({stage: split(256) for stage in ("train", "val", "test")}, times=[0.0, 1.0],
                                   num_classes=[3], seeds=[0], batch_size=32)
-    module = ProbeModule(kind="transformer", learning_rates=[1e6, 1e-3], seeds=[0], num_classes=[3], feature_dim=4,
-                         times=[0.0, 1.0], results_dir=str(tmp_path), head_kwargs={"d_model": 16})
+    module = ProbeModule(TransformerOptions(d_model=16), learning_rates=[1e6, 1e-3], seeds=[0], num_classes=[3],
+                         feature_dim=4, times=[0.0, 1.0], results_dir=str(tmp_path))
     with pytest.warns(UserWarning, match=r"1 of 2 transformer probe members diverged .*lr 1e\+06"):
         pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    default_root_dir=tmp_path).fit(module, datamodule=data)
@@ -177,20 +181,19 @@ def learnable_data(tiny_checkpoint, tmp_path_factory):
     return data
 
 
-def fit_probe(kind: str, data: RepresentationDataModule, tmp_path: pathlib.Path, epochs: int,
-              head_kwargs: dict | None = None) -> ProbeModule:
+def fit_probe(head: HeadOptions, data: RepresentationDataModule, tmp_path: pathlib.Path, epochs: int) -> ProbeModule:
     import lightning.pytorch as pl
 
-    module = ProbeModule(kind=kind, learning_rates=[1e-3], seeds=data.seeds, num_classes=data.num_classes,
+    module = ProbeModule(head, learning_rates=[1e-3], seeds=data.seeds, num_classes=data.num_classes,
                          task_names=data.task_names, feature_dim=data.feature_dim, times=data.times,
-                         results_dir=str(tmp_path), head_kwargs=head_kwargs)
+                         results_dir=str(tmp_path))
     pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                default_root_dir=tmp_path).fit(module, datamodule=data)
     return module
 
 
 def test_mlp_probe_learns_the_background_colour(learnable_data, tmp_path):
-    module = fit_probe("mlp", learnable_data, tmp_path, epochs=10)
+    module = fit_probe(MLPOptions(), learnable_data, tmp_path, epochs=10)
     summary = summarise(module.member_records())
     # 9 background colours, chance 11 %: colour survives even a barely trained encoder (2 steps, d_z = 8).
     assert summary["background"]["val_acc_mean"] > 0.28
@@ -198,7 +201,7 @@ def test_mlp_probe_learns_the_background_colour(learnable_data, tmp_path):
 
 
 def test_continuous_head_evaluates_on_times_it_never_saw(learnable_data, tmp_path):
-    module = fit_probe("continuous", learnable_data, tmp_path, epochs=1, head_kwargs={"d_model": 32}).eval()
+    module = fit_probe(ContinuousOptions(d_model=32), learnable_data, tmp_path, epochs=1).eval()
     from trajrep.data.cache import RepresentationCache
 
     cache = RepresentationCache(learnable_data.cache_path)
@@ -216,11 +219,11 @@ def test_member_chunks_train_exactly_like_one_grouped_model(learnable_data, tmp_
 
     def train(member_chunk: int) -> ProbeModule:
         pl.seed_everything(0)
-        module = ProbeModule(kind="gru", learning_rates=[1e-3, 1e-4], seeds=learnable_data.seeds,
-                             num_classes=learnable_data.num_classes, task_names=learnable_data.task_names,
-                             feature_dim=learnable_data.feature_dim, times=learnable_data.times,
-                             results_dir=str(tmp_path / f"chunk{member_chunk}"),
-                             head_kwargs={"hidden_dim": 16, "dropout": 0.0}, member_chunk=member_chunk)
+        module = ProbeModule(GRUOptions(hidden_dim=16, dropout=0.0), learning_rates=[1e-3, 1e-4],
+                             seeds=learnable_data.seeds, num_classes=learnable_data.num_classes,
+                             task_names=learnable_data.task_names, feature_dim=learnable_data.feature_dim,
+                             times=learnable_data.times, results_dir=str(tmp_path / f"chunk{member_chunk}"),
+                             member_chunk=member_chunk)
         pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, default_root_dir=tmp_path).fit(module, datamodule=learnable_data)
         return module
@@ -235,7 +238,7 @@ def test_member_chunks_train_exactly_like_one_grouped_model(learnable_data, tmp_
 def test_default_chunks_are_sized_for_the_cpu_and_one_chunk_where_cuda_is(monkeypatch):
     def chunks(cuda: bool) -> int:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        return len(ProbeModule(kind="gru", learning_rates=[1e-3, 1e-4], seeds=[0, 1, 2, 3], num_classes=[3],
+        return len(ProbeModule(GRUOptions(), learning_rates=[1e-3, 1e-4], seeds=[0, 1, 2, 3], num_classes=[3],
                                feature_dim=4, times=[0.0, 1.0]).heads)
 
     assert chunks(cuda=False) == 2 and chunks(cuda=True) == 1  # 8 members; 6 per chunk on a CPU
@@ -251,14 +254,14 @@ def test_the_continuous_head_reads_sigma_of_the_noise_process_the_data_names(tmp
                for stage in ("train", "val", "test")}
     data = ProbeData.from_tensors(tensors, times=[0.0, 1.0], num_classes=[3], seeds=[0], batch_size=8)
     data.metadata["sde"] = {"sigma_min": 0.002, "sigma_max": 80.0}  # as a cache of an EDM-style process says
-    module = ProbeModule(kind="continuous", learning_rates=[1e-3], seeds=[0], num_classes=[3], feature_dim=4,
-                         times=[0.0, 1.0], results_dir=str(tmp_path), head_kwargs={"d_model": 8, "ffn_dim": 16})
+    module = ProbeModule(ContinuousOptions(d_model=8, ffn_dim=16), learning_rates=[1e-3], seeds=[0], num_classes=[3],
+                         feature_dim=4, times=[0.0, 1.0], results_dir=str(tmp_path))
     pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                default_root_dir=tmp_path).fit(module, datamodule=data)
     for head in [*module.heads, *module.best_heads]:
         assert (head.sde.sigma_min, head.sde.sigma_max) == (0.002, 80.0)
-    disagreeing = ProbeModule(kind="continuous", learning_rates=[1e-3], seeds=[0], num_classes=[3], feature_dim=4,
-                              times=[0.0, 1.0], results_dir=str(tmp_path / "other"), head_kwargs={"sigma_max": 50.0})
+    disagreeing = ProbeModule(ContinuousOptions(sigma_max=60.0), learning_rates=[1e-3], seeds=[0], num_classes=[3],
+                              feature_dim=4, times=[0.0, 1.0], results_dir=str(tmp_path / "other"))
     with pytest.raises(TrajrepError, match="disagree with the noise process of the cache"):
         pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    default_root_dir=tmp_path).fit(disagreeing, datamodule=data)
@@ -273,7 +276,7 @@ def test_a_grid_of_one_member_keeps_its_history(tmp_path):
     tensors = {stage: (torch.randn(32, 2, 4, generator=generator), torch.randint(3, (32,), generator=generator))
                for stage in ("train", "val", "test")}
     data = ProbeData.from_tensors(tensors, times=[0.0, 1.0], num_classes=[3], seeds=[0], batch_size=8)
-    module = ProbeModule(kind="mean", learning_rates=[1e-3], seeds=[0], num_classes=[3], feature_dim=4,
+    module = ProbeModule(MeanOptions(), learning_rates=[1e-3], seeds=[0], num_classes=[3], feature_dim=4,
                          times=[0.0, 1.0], results_dir=str(tmp_path))
     pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                default_root_dir=tmp_path).fit(module, datamodule=data)
@@ -297,9 +300,8 @@ def test_masking_ablation_finds_the_one_informative_time(tmp_path):
 
     data = ProbeData.from_tensors({stage: split(512) for stage in ("train", "val", "test")}, times=[0.0, 0.5, 1.0],
                                   num_classes=[2], seeds=[0], batch_size=64, standardize=False)
-    module = ProbeModule(kind="transformer", learning_rates=[1e-3], seeds=[0], num_classes=[2], feature_dim=4,
-                         times=[0.0, 0.5, 1.0], results_dir=str(tmp_path),
-                         head_kwargs={"d_model": 16, "ffn_dim": 32, "dropout": 0.0})
+    module = ProbeModule(TransformerOptions(d_model=16, ffn_dim=32, dropout=0.0), learning_rates=[1e-3], seeds=[0],
+                         num_classes=[2], feature_dim=4, times=[0.0, 0.5, 1.0], results_dir=str(tmp_path))
     pl.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                default_root_dir=tmp_path).fit(module, datamodule=data)
     masked = {name: values[0] for name, values in masked_test_accuracy(module).items()}
@@ -325,9 +327,8 @@ def test_attention_and_masking_analyse_each_member_at_its_reported_epoch(tmp_pat
 
     data = ProbeData.from_tensors({stage: split(256) for stage in ("train", "val", "test")}, times=[0.0, 1.0],
                                   num_classes=[3], seeds=[0, 1], batch_size=32)
-    module = ProbeModule(kind="transformer", learning_rates=[3e-2, 1e-3], seeds=[0, 1], num_classes=[3],
-                         feature_dim=4, times=[0.0, 1.0], results_dir=str(tmp_path),
-                         head_kwargs={"d_model": 16, "ffn_dim": 32})
+    module = ProbeModule(TransformerOptions(d_model=16, ffn_dim=32), learning_rates=[3e-2, 1e-3], seeds=[0, 1],
+                         num_classes=[3], feature_dim=4, times=[0.0, 1.0], results_dir=str(tmp_path))
     pl.Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                default_root_dir=tmp_path).fit(module, datamodule=data)
     (path,) = tmp_path.glob("transformer-*.json")

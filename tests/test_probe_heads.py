@@ -1,5 +1,6 @@
 """Probe heads: a grouped grid trains exactly like its members trained one by one, plus the heads' contracts."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,8 +11,9 @@ from torch import nn
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import (GroupedAdam, GroupedGRUCell, GroupedLinear, GroupedMLP, dropout,
                                 dropout_keep_mask, grouped_clip_grad_norm_, member_generators)
-from trajrep.probe.kinds import build_head, head_kinds
-from trajrep.nn.probes import (ContinuousTransformerHead, GRUHead, MeanHead, MLPHead, TransformerHead, WeightedHead,
+from trajrep.probe.kinds import build_head, default_options, head_kinds
+from trajrep.nn.probes import (ContinuousOptions, ContinuousTransformerHead, GRUHead, GRUOptions, MeanHead, MLPHead,
+                               MLPOptions, TransformerHead, TransformerOptions, WeightedHead,
                                clip_grad_norm_per_member_, member_losses, random_time_subset)
 
 # The equivalence grid: 2 learning rates x 2 seeds = 4 members, float64, dropout 0 (masks cannot be matched).
@@ -147,8 +149,8 @@ def assert_members_match(head: nn.Module, plains: list[nn.Module], x: torch.Tens
 def test_mlp_grid_trains_like_separate_mlps():
     x, y = toy_data()
     time_index = [0, 1, 2, 1]  # the per-t grid: members also differ in the time they read
-    head = MLPHead(len(MEMBERS), D_IN, T, [C], [seed for _, seed in MEMBERS], time_index=time_index,
-                   hidden_dim=16, dropout=0.0)
+    head = MLPHead(len(MEMBERS), D_IN, T, [C], [seed for _, seed in MEMBERS], MLPOptions(hidden_dim=16, dropout=0.0),
+                   time_index=time_index)
     plains = []
     for g, (_, seed) in enumerate(MEMBERS):
         torch.manual_seed(seed)
@@ -165,7 +167,7 @@ def test_mlp_grid_trains_like_separate_mlps():
 
 def test_gru_grid_trains_like_separate_grus():
     x, y = toy_data()
-    head = GRUHead(len(MEMBERS), D_IN, T, [C], [seed for _, seed in MEMBERS], hidden_dim=12, dropout=0.0)
+    head = GRUHead(len(MEMBERS), D_IN, T, [C], [seed for _, seed in MEMBERS], GRUOptions(hidden_dim=12, dropout=0.0))
     plains = []
     for g, (_, seed) in enumerate(MEMBERS):
         torch.manual_seed(seed)
@@ -181,7 +183,7 @@ def test_gru_grid_trains_like_separate_grus():
 
 def test_gru_recurrence_backward_through_time_matches_autograd_with_dropout():
     """The GRU's hand-written backward pass through time against autograd on the single-step cell, same masks."""
-    head = GRUHead(3, D_IN, T, [C], [0, 1, 2], hidden_dim=6, dropout=0.25).train()
+    head = GRUHead(3, D_IN, T, [C], [0, 1, 2], GRUOptions(hidden_dim=6, dropout=0.25)).train()
     x = torch.randn(3, 5, T, D_IN, requires_grad=True)
     inputs = (x, *head.parameters())
     weights = torch.randn(3, 5, C)
@@ -201,7 +203,7 @@ def test_hand_written_backward_passes_run_under_bf16_autocast(kind):
     """The MLP's and the GRU's own backward passes after a forward pass under autocast (the backward pass runs
     outside it, as Lightning's does): float32 gradients within bf16's error of the float32 ones."""
     extra = {"time_index": [0, 1]} if kind is MLPHead else {}
-    head = kind(2, D_IN, T, [C], [0, 1], dropout=0.0, **extra).float().train()
+    head = kind(2, D_IN, T, [C], [0, 1], kind.Options(dropout=0.0), **extra).float().train()
     x = torch.randn(2, 8, T, D_IN, dtype=torch.float32)
     exact = torch.autograd.grad(head(x).square().sum(), list(head.parameters()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -213,7 +215,7 @@ def test_hand_written_backward_passes_run_under_bf16_autocast(kind):
 
 
 def test_bias_only_training_of_the_gru_gets_its_gradient():
-    head = GRUHead(2, D_IN, T, [C], [0, 1], hidden_dim=6, dropout=0.0)
+    head = GRUHead(2, D_IN, T, [C], [0, 1], GRUOptions(hidden_dim=6, dropout=0.0))
     head.requires_grad_(False)
     head.cell.bias_hh.requires_grad_(True)
     head(torch.randn(2, 4, T, D_IN)).sum().backward()
@@ -223,7 +225,8 @@ def test_bias_only_training_of_the_gru_gets_its_gradient():
 def test_transformer_grid_trains_like_separate_transformers():
     x, y = toy_data()
     sizes = dict(d_model=16, num_heads=4, ffn_dim=24)
-    head = TransformerHead(len(MEMBERS), D_IN, T, [C], [seed for _, seed in MEMBERS], dropout=0.0, **sizes)
+    head = TransformerHead(len(MEMBERS), D_IN, T, [C], [seed for _, seed in MEMBERS],
+                           TransformerOptions(dropout=0.0, **sizes))
     plains = [PlainTransformer(head, g, **sizes) for g in range(len(MEMBERS))]
     assert train_grouped(head, x, y)
     for g, plain in enumerate(plains):
@@ -262,8 +265,8 @@ def test_grouped_gru_cell_equals_nn_gru_cell():
         torch.testing.assert_close(grouped.to_gru_cell(g).weight_ih, cell.weight_ih, atol=0, rtol=0)
 
 
-def small_transformer(**kwargs) -> TransformerHead:
-    return TransformerHead(2, D_IN, T, [C], [0, 1], d_model=16, num_heads=4, ffn_dim=24, **kwargs)
+def small_transformer() -> TransformerHead:
+    return TransformerHead(2, D_IN, T, [C], [0, 1], TransformerOptions(d_model=16, num_heads=4, ffn_dim=24))
 
 
 def test_transformer_attention_weights_and_key_mask():
@@ -297,7 +300,7 @@ def test_transformer_cls_is_the_last_token_and_feeds_the_output():
 
 
 def test_continuous_head_runs_on_unseen_times():
-    head = ContinuousTransformerHead(2, D_IN, 3, [C], [0, 1], d_model=16, num_heads=4, ffn_dim=24)
+    head = ContinuousTransformerHead(2, D_IN, 3, [C], [0, 1], ContinuousOptions(d_model=16, num_heads=4, ffn_dim=24))
     optimizer = GroupedAdam(head.parameters(), lr=[1e-3, 1e-3])
     train_t = torch.tensor([0.0, 0.5, 1.0])
     generator = torch.Generator().manual_seed(0)
@@ -335,9 +338,11 @@ def test_clipping_is_per_member():
 @pytest.mark.parametrize("kind", sorted(head_kinds()))
 def test_every_head_gives_each_member_logits_that_its_own_loss_trains(kind):
     extra = dict(time_index=[0, 2]) if kind in ("mlp", "linear") else {}
+    options = default_options(kind)
     if kind in ("transformer", "continuous"):
-        extra.update(d_model=16, ffn_dim=24)
-    head = build_head(kind, num_members=2, feature_dim=D_IN, num_times=T, num_classes=[3], seeds=[0, 1], **extra)
+        options = dataclasses.replace(options, d_model=16, ffn_dim=24)
+    head = build_head(kind, options, num_members=2, feature_dim=D_IN, num_times=T, num_classes=[3], seeds=[0, 1],
+                      **extra)
     x, t = torch.randn(2, 4, T, D_IN), torch.linspace(0, 1, T)
     logits = head(x, t)
     assert logits.shape == (2, 4, 3)
@@ -413,7 +418,7 @@ def test_weighted_head_starts_as_the_mean_head():
 
 def test_configuration_errors():
     with pytest.raises(TrajrepError, match="valid kinds: .*continuous.*gru.*mlp.*transformer"):
-        build_head("lstm", num_members=1, feature_dim=4, num_times=1, num_classes=[2], seeds=[0])
+        default_options("lstm")
     with pytest.raises(TrajrepError, match="needs time_index"):
         MLPHead(1, 4, 3, [2], [0])
     with pytest.raises(TrajrepError, match="one seed per probe member"):

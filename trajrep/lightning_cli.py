@@ -87,6 +87,11 @@ def summarise_parser_error(message: str) -> str:
     else:
         lines = [re.sub(r'^(Parser key|Key) "[^"]+":\s*', "", line.strip(" -")) for line in message.splitlines()]
         detail = next((line for line in lines if line and not line.startswith(FRAMING)), message.strip())
+    chosen = re.findall(r"Problem with given class_path '([^']+)'", message)
+    if chosen and "is not accepted" in detail:  # a misspelled option of a class (a head's options): list them
+        module, name = chosen[-1].rsplit(".", 1)  # the innermost class
+        options = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        detail += f"; the options of {name}: {', '.join(options) or 'none'}"
     return f"{where}: {detail}" if where else detail
 
 

@@ -449,8 +449,9 @@ class Reproduction:
         name = [f"--model.encoder_name={encoder}"] if encoder else []
         trains = kind_of(kind).head is not None
         training = [*self.preset.probe_args, *dataset.probe_args] if trains else []
-        config = kind_of(kind).config  # a registered head may start from another kind's config
-        args = ["--config", str(CONFIGS / "probe" / f"{config}.yaml"), *([f"--model.kind={kind}"] * (config != kind)),
+        config = kind_of(kind).config  # a registered head may start from another kind's config, with its own options
+        head = [f"--model.head={kind_of(kind).options_path()}"] if config != kind else []
+        args = ["--config", str(CONFIGS / "probe" / f"{config}.yaml"), *head,
                 *data, f"--data.images={json.dumps(dataset.images_config)}", f"--data.dataset_name={dataset.name}",
                 f"--model.results_dir={folder}",
                 f"--trainer.default_root_dir={run_dir}", *name, *training, *self.preset.probe_kind_args.get(kind, []),

@@ -5,10 +5,15 @@ Every head maps x of shape (G, B, T, d) - member g's own batch over the T cached
 `seeds[g]` alone, so the grid (lr x seed, or lr x seed x t for the per-t MLP) is G independent probes.
 Train with `member_losses(...).sum()`, `clip_grad_norm_per_member_` and `GroupedAdam`. trajrep.probe.kinds registers
 each head as a probe kind.
+
+A head's own options (widths, dropout) are a frozen dataclass, its `Options`: the type of ProbeModule's `head`, so
+that the CLI shows them with their defaults (`--print_config`) and refuses a misspelled one by name, and the kind
+of a probe follows from the options it is given.
 """
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +61,105 @@ def sinusoidal_encoding(length: int, dim: int) -> Tensor:
     return code.to(torch.get_default_dtype())
 
 
+class HeadOptions:
+    """Base of the heads' option dataclasses (not one itself: the CLI then takes a subclass by class path,
+    `--model.head=TransformerOptions`, and its fields as `--model.head.d_model=64`)."""
+
+
+@dataclass(frozen=True)
+class MLPOptions(HeadOptions):
+    """The MLP's options.
+
+    Args:
+        hidden_dim: width of its hidden layer.
+        dropout: dropout on the hidden layer.
+    """
+
+    hidden_dim: int = 512
+    dropout: float = 0.25
+
+
+@dataclass(frozen=True)
+class LinearOptions(HeadOptions):
+    """The linear probe has no options."""
+
+
+@dataclass(frozen=True)
+class ConcatOptions(MLPOptions):
+    """The MLP's options, for the MLP on all t concatenated."""
+
+
+@dataclass(frozen=True)
+class MeanOptions(MLPOptions):
+    """The MLP's options, for the MLP on the mean over t."""
+
+
+@dataclass(frozen=True)
+class WeightedOptions(MLPOptions):
+    """The MLP's options, for the MLP on a learned weighted sum over t."""
+
+
+@dataclass(frozen=True)
+class GRUOptions(HeadOptions):
+    """The GRU's options.
+
+    Args:
+        hidden_dim: width of its hidden state.
+        dropout: dropout on the hidden state after every step (the dropped state is fed back).
+    """
+
+    hidden_dim: int = 256
+    dropout: float = 0.25
+
+
+@dataclass(frozen=True)
+class TransformerOptions(HeadOptions):
+    """The Transformer's options.
+
+    Args:
+        d_model: width of the tokens.
+        num_heads: attention heads.
+        ffn_dim: width of the feed-forward layer.
+        num_applications: how many times the one block (shared weights) is applied.
+        dropout: dropout on the tokens, the attention and the feed-forward layer.
+    """
+
+    d_model: int = 256
+    num_heads: int = 4
+    ffn_dim: int = 512
+    num_applications: int = 2
+    dropout: float = 0.25
+
+
+@dataclass(frozen=True)
+class ContinuousOptions(TransformerOptions):
+    """The Transformer's options, and those of the time code.
+
+    Args:
+        d_model: width of the tokens.
+        num_heads: attention heads.
+        ffn_dim: width of the feed-forward layer.
+        num_applications: how many times the one block (shared weights) is applied.
+        dropout: dropout on the tokens, the attention and the feed-forward layer.
+        sigma_min: smallest noise scale of sigma(t); a probe sets it from the cache it reads.
+        sigma_max: largest noise scale of sigma(t); a probe sets it from the cache it reads.
+        num_frequencies: Fourier frequencies of the time code.
+        fourier_scale: scale of the Fourier frequencies.
+        fourier_seed: seed of the Fourier frequencies (shared by all members).
+    """
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    num_frequencies: int = 16
+    fourier_scale: float = 1.0
+    fourier_seed: int = 0
+
+
 class ProbeHead(nn.Module):
-    """Common arguments and input handling of the heads: (G, B, T, d) [+ t (T,)] -> logits (G, B, C_total)."""
+    """Common arguments and input handling of the heads: (G, B, T, d) [+ t (T,)] -> logits (G, B, C_total).
+    A subclass names its options dataclass as `Options` and takes an instance of it after the seeds."""
+
+    Options: type[HeadOptions]
 
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
                  seeds: Sequence[int]) -> None:
@@ -127,11 +229,13 @@ class SingleTimeHead(ProbeHead):
 class MLPHead(SingleTimeHead):
     """Linear(d, 512) -> ReLU -> Dropout -> Linear(512, C) on one time per member (method §7)."""
 
+    Options = MLPOptions
+
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], *, time_index: Sequence[int] | None = None, hidden_dim: int = 512,
-                 dropout: float = 0.25) -> None:
+                 seeds: Sequence[int], options: MLPOptions = MLPOptions(), *,
+                 time_index: Sequence[int] | None = None) -> None:
         super().__init__(num_members, feature_dim, num_times, num_classes, seeds, time_index)
-        self.mlp = GroupedMLP(num_members, feature_dim, hidden_dim, self.total_classes, dropout,
+        self.mlp = GroupedMLP(num_members, feature_dim, options.hidden_dim, self.total_classes, options.dropout,
                               member_generators(self.seeds))
 
     def classify(self, x: Tensor) -> Tensor:
@@ -141,8 +245,11 @@ class MLPHead(SingleTimeHead):
 class LinearHead(SingleTimeHead):
     """The linear probe of the self-supervised field: one Linear(d, C) on one time per member."""
 
+    Options = LinearOptions
+
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], *, time_index: Sequence[int] | None = None) -> None:
+                 seeds: Sequence[int], options: LinearOptions = LinearOptions(), *,
+                 time_index: Sequence[int] | None = None) -> None:
         super().__init__(num_members, feature_dim, num_times, num_classes, seeds, time_index)
         self.linear = GroupedLinear(num_members, feature_dim, self.total_classes, member_generators(self.seeds))
 
@@ -153,11 +260,13 @@ class LinearHead(SingleTimeHead):
 class ConcatHead(ProbeHead):
     """Baseline: the MLP on all T representations concatenated (input d * T)."""
 
+    Options = ConcatOptions
+
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], *, hidden_dim: int = 512, dropout: float = 0.25) -> None:
+                 seeds: Sequence[int], options: ConcatOptions = ConcatOptions()) -> None:
         super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
-        self.mlp = GroupedMLP(num_members, feature_dim * num_times, hidden_dim, self.total_classes, dropout,
-                              member_generators(self.seeds))
+        self.mlp = GroupedMLP(num_members, feature_dim * num_times, options.hidden_dim, self.total_classes,
+                              options.dropout, member_generators(self.seeds))
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         return self.mlp(self.member_batches(x).flatten(2))
@@ -166,10 +275,12 @@ class ConcatHead(ProbeHead):
 class MeanHead(ProbeHead):
     """Baseline: the MLP on the mean representation over t."""
 
+    Options = MeanOptions
+
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], *, hidden_dim: int = 512, dropout: float = 0.25) -> None:
+                 seeds: Sequence[int], options: MeanOptions = MeanOptions()) -> None:
         super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
-        self.mlp = GroupedMLP(num_members, feature_dim, hidden_dim, self.total_classes, dropout,
+        self.mlp = GroupedMLP(num_members, feature_dim, options.hidden_dim, self.total_classes, options.dropout,
                               member_generators(self.seeds))
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
@@ -179,11 +290,13 @@ class MeanHead(ProbeHead):
 class WeightedHead(ProbeHead):
     """Baseline: learned softmax weights over the T times (per member, start uniform), weighted sum, then the MLP."""
 
+    Options = WeightedOptions
+
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], *, hidden_dim: int = 512, dropout: float = 0.25) -> None:
+                 seeds: Sequence[int], options: WeightedOptions = WeightedOptions()) -> None:
         super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
         self.time_logits = nn.Parameter(torch.zeros(num_members, num_times))
-        self.mlp = GroupedMLP(num_members, feature_dim, hidden_dim, self.total_classes, dropout,
+        self.mlp = GroupedMLP(num_members, feature_dim, options.hidden_dim, self.total_classes, options.dropout,
                               member_generators(self.seeds))
 
     def time_weights(self) -> Tensor:
@@ -198,13 +311,15 @@ class GRUHead(ProbeHead):
     """GRUCell(d, 256) over the times in cache order (increasing t), h0 = 0, dropout on h after every step
     (the dropped h is fed back), Linear(256, C) on the last h."""
 
+    Options = GRUOptions
+
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], *, hidden_dim: int = 256, dropout: float = 0.25) -> None:
+                 seeds: Sequence[int], options: GRUOptions = GRUOptions()) -> None:
         super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
         generators = member_generators(self.seeds)
-        self.cell = GroupedGRUCell(num_members, feature_dim, hidden_dim, generators)
-        self.classifier = GroupedLinear(num_members, hidden_dim, self.total_classes, generators)
-        self.dropout = dropout
+        self.cell = GroupedGRUCell(num_members, feature_dim, options.hidden_dim, generators)
+        self.classifier = GroupedLinear(num_members, options.hidden_dim, self.total_classes, generators)
+        self.dropout = options.dropout
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         h = self.cell.run(self.cell.project_input(self.member_batches(x)), self.dropout, self.training)
@@ -218,16 +333,17 @@ class _TokenMixerHead(ProbeHead):
     member, from the seeds) are passed in so that a subclass can draw its own parameters after these."""
 
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], generators: Sequence[torch.Generator], *, d_model: int, num_heads: int,
-                 ffn_dim: int, num_applications: int, dropout: float) -> None:
+                 seeds: Sequence[int], options: TransformerOptions, generators: Sequence[torch.Generator]) -> None:
         super().__init__(num_members, feature_dim, num_times, num_classes, seeds)
+        d_model = options.d_model
         self.token_proj = GroupedLinear(num_members, feature_dim, d_model, generators)
-        self.block = GroupedTransformerBlock(num_members, d_model, num_heads, ffn_dim, dropout, generators)
+        self.block = GroupedTransformerBlock(num_members, d_model, options.num_heads, options.ffn_dim, options.dropout,
+                                             generators)
         bound = math.sqrt(6.0 / (2 * d_model))  # xavier-uniform of a (1, 1, D) token, as the original code
         self.cls = nn.Parameter(torch.stack([torch.empty(d_model).uniform_(-bound, bound, generator=generator)
                                              for generator in generators]))
         self.classifier = GroupedLinear(num_members, d_model, self.total_classes, generators)
-        self.num_applications, self.dropout = num_applications, dropout
+        self.num_applications, self.dropout = options.num_applications, options.dropout
 
     def position_code(self, num_tokens: int, t: Tensor | None) -> Tensor:
         """Code added to the time tokens, broadcastable to (G, B, T, D)."""
@@ -255,13 +371,12 @@ class _TokenMixerHead(ProbeHead):
 class TransformerHead(_TokenMixerHead):
     """Transformer mixer of method §7: the position code is the fixed sinusoidal code of the sequence index."""
 
+    Options = TransformerOptions
+
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], *, d_model: int = 256, num_heads: int = 4, ffn_dim: int = 512,
-                 num_applications: int = 2, dropout: float = 0.25) -> None:
-        super().__init__(num_members, feature_dim, num_times, num_classes, seeds, member_generators(seeds),
-                         d_model=d_model, num_heads=num_heads, ffn_dim=ffn_dim, num_applications=num_applications,
-                         dropout=dropout)
-        self.register_buffer("index_code", sinusoidal_encoding(num_times, d_model), persistent=False)
+                 seeds: Sequence[int], options: TransformerOptions = TransformerOptions()) -> None:
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds, options, member_generators(seeds))
+        self.register_buffer("index_code", sinusoidal_encoding(num_times, options.d_model), persistent=False)
 
     def position_code(self, num_tokens: int, t: Tensor | None) -> Tensor:
         if num_tokens != self.num_times:
@@ -281,18 +396,17 @@ class ContinuousTransformerHead(_TokenMixerHead):
     `sigma_min` and `sigma_max` give the noise process of sigma(t); ProbeModule sets them from the cache it reads.
     """
 
+    Options = ContinuousOptions
+
     def __init__(self, num_members: int, feature_dim: int, num_times: int, num_classes: Sequence[int],
-                 seeds: Sequence[int], *, sigma_min: float = 0.01, sigma_max: float = 50.0,
-                 num_frequencies: int = 16, fourier_scale: float = 1.0, fourier_seed: int = 0, d_model: int = 256,
-                 num_heads: int = 4, ffn_dim: int = 512, num_applications: int = 2, dropout: float = 0.25) -> None:
+                 seeds: Sequence[int], options: ContinuousOptions = ContinuousOptions()) -> None:
         generators = member_generators(seeds)
-        super().__init__(num_members, feature_dim, num_times, num_classes, seeds, generators, d_model=d_model,
-                         num_heads=num_heads, ffn_dim=ffn_dim, num_applications=num_applications, dropout=dropout)
-        self.sde = VESDE(sigma_min, sigma_max)
+        super().__init__(num_members, feature_dim, num_times, num_classes, seeds, options, generators)
+        self.sde = VESDE(options.sigma_min, options.sigma_max)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(fourier_seed)
-            self.fourier = GaussianFourierFeatures(num_frequencies, fourier_scale)
-        self.time_proj = GroupedLinear(num_members, self.fourier.out_dim, d_model, generators)
+            torch.manual_seed(options.fourier_seed)
+            self.fourier = GaussianFourierFeatures(options.num_frequencies, options.fourier_scale)
+        self.time_proj = GroupedLinear(num_members, self.fourier.out_dim, options.d_model, generators)
 
     def position_code(self, num_tokens: int, t: Tensor | None) -> Tensor:
         if t is None or t.shape != (num_tokens,):

@@ -81,13 +81,13 @@ class ProbeResults(pl.Callback):
     and writes them when training ends: one record per member, selected on validation (trajrep.probe.selection)."""
 
     def on_fit_start(self, trainer: pl.Trainer, module: "ProbeModule") -> None:
-        ensure_results_can_be_written(module, module.hparams.kind)
+        ensure_results_can_be_written(module, module.kind)
 
     def on_fit_end(self, trainer: pl.Trainer, module: "ProbeModule") -> None:
         if not trainer.is_global_zero:
             return
         records = module.member_records()
-        context = result_context(module, module.hparams.kind, len(module.val_history))
+        context = result_context(module, module.kind, len(module.val_history))
         if module.exports_attention:
             for record, fields in zip(records, attention_fields(module)):
                 record.update(fields)

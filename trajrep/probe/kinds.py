@@ -1,5 +1,6 @@
 """The probe kinds, one registry entry each: what the probe module, the presets and the report need to know about a
-kind. A new head is one `register` call with its class; nothing else names it.
+kind. A new head is one `register` call with its class; nothing else names it. A probe is given its head's options
+(the head's `Options` dataclass, trajrep.nn.probes), and its kind is the one whose head takes them.
 
 Order matters: the results table lists the kinds in registry order. The built-in heads are named by import path,
 so that reading the registry (the report does) imports no model.
@@ -37,6 +38,11 @@ class Kind:
         module, name = self.head.split(":")
         return getattr(importlib.import_module(module), name)
 
+    def options_path(self) -> str:
+        """The class path of the head's options, as the CLI takes it (`--model.head=<path>`)."""
+        options = self.head_class().Options
+        return f"{options.__module__}.{options.__qualname__}"
+
 
 KINDS: dict[str, Kind] = {}
 
@@ -63,12 +69,29 @@ def single_time_kinds() -> list[str]:
     return [name for name, kind in KINDS.items() if kind.single_time]
 
 
-def build_head(name: str, **kwargs):
-    """The head of kind `name` (a trajrep.nn.probes.ProbeHead), built with `kwargs`."""
+def kind_of_options(options: object) -> str:
+    """The kind whose head takes `options` (an instance of its `Options`); none, or several (heads that share an
+    options class), is a clear error."""
+    found = [name for name in head_kinds() if KINDS[name].head_class().Options is type(options)]
+    if len(found) != 1:
+        problem = "no probe kind takes" if not found else f"the kinds {', '.join(found)} all take"
+        known = ", ".join(KINDS[name].head_class().Options.__name__ for name in head_kinds())
+        raise TrajrepError(f"{problem} head options {type(options).__name__}; the kinds' options: {known} (a "
+                           "registered head needs an options class of its own)")
+    return found[0]
+
+
+def default_options(name: str) -> object:
+    """The head options of kind `name` at their defaults."""
     head = kind_of(name).head_class()
     if head is None:
         raise TrajrepError(f"the {name} probe trains no head; run it with its own config (configs/probe/{name}.yaml)")
-    return head(**kwargs)
+    return head.Options()
+
+
+def build_head(name: str, options: object, **sizes):
+    """The head of kind `name` (a trajrep.nn.probes.ProbeHead) with its `options` and the module's `sizes`."""
+    return kind_of(name).head_class()(**sizes, options=options)
 
 
 # Members per chunk, the fastest on a 2-core CPU (fewer, larger kernels vs activations that stay in cache):

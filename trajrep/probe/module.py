@@ -7,7 +7,7 @@ validation and the test split; at the end the protocol of method §7 selects on 
 """
 
 import copy
-import inspect
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,8 +22,8 @@ from torchmetrics import Metric
 from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
-from trajrep.probe.kinds import build_head, head_kinds, kind_of
-from trajrep.nn.probes import clip_grad_norm_per_member_, member_losses, random_time_subset
+from trajrep.nn.probes import HeadOptions, MLPOptions, clip_grad_norm_per_member_, member_losses, random_time_subset
+from trajrep.probe.kinds import build_head, kind_of, kind_of_options
 from trajrep.probe.evaluation import ProbeResults
 from trajrep.probe.selection import best_epochs
 
@@ -41,19 +41,6 @@ def default_member_chunk(kind: str, num_members: int) -> int:
 # floats: 32 MiB) pass glibc's mmap threshold, so every such allocation comes from fresh pages and faults them in;
 # 256 rows keep them on the heap, which made the MLP grid's evaluation 2.5x faster (`benchmarks/RESULTS.md`).
 CPU_EVAL_ROWS = 256
-
-# What every head gets from the module itself, so not settable through head_kwargs.
-MODULE_HEAD_ARGS = {"self", "num_members", "feature_dim", "num_times", "num_classes", "seeds", "time_index"}
-
-
-def check_head_kwargs(kind: str, head_kwargs: dict[str, Any]) -> None:
-    """head_kwargs must name options of the chosen head (a typo would otherwise end in a deep TypeError)."""
-    options = sorted(set(inspect.signature(kind_of(kind).head_class().__init__).parameters) - MODULE_HEAD_ARGS)
-    unknown = sorted(set(head_kwargs) - set(options))
-    if unknown:
-        raise TrajrepError(f"head_kwargs {', '.join(map(repr, unknown))} not an option of the {kind} head; its "
-                           f"options are: {', '.join(options) or 'none'}")
-
 
 class MemberAccuracy(Metric):
     """Accuracy of every member separately, summed over batches (and processes) before dividing."""
@@ -93,9 +80,11 @@ class ProbeModule(pl.LightningModule):
     one mode and width stay apart in tables.
 
     Args:
-        kind: the head, a kind of trajrep.probe.kinds: mlp or linear (one per t); gru, transformer or continuous (a
-            transformer that reads sigma(t)), the mixers over t; concat, mean or weighted, baselines (an MLP on all t
-            concatenated, on their mean, on a learned weighted sum).
+        head: the head's options (trajrep.nn.probes), which say its kind (trajrep.probe.kinds): MLPOptions or
+            LinearOptions (one per t); GRUOptions, TransformerOptions or ContinuousOptions (a transformer that reads
+            sigma(t)), the mixers over t; ConcatOptions, MeanOptions or WeightedOptions, baselines (an MLP on all t
+            concatenated, on their mean, on a learned weighted sum). On the command line:
+            `--model.head=TransformerOptions --model.head.d_model=64`.
         learning_rates: the lr grid; every lr x seed is one member, the lr is selected on validation.
         seeds: probe seeds (set from the data's seeds).
         weight_decay: Adam's L2 weight decay.
@@ -104,7 +93,6 @@ class ProbeModule(pl.LightningModule):
         task_names: names of the tasks (set from the data).
         feature_dim: size of each representation (set from the data).
         times: the t of the representations served (set from the data).
-        head_kwargs: options of the head (e.g. hidden sizes); an unknown key is refused with the valid ones.
         results_dir: folder of the result files.
         member_chunk: members trained together per forward/backward; None: the whole grid where CUDA is available,
             else a size per kind that keeps a CPU's activations in cache (decided when the module is built, so set
@@ -117,7 +105,7 @@ class ProbeModule(pl.LightningModule):
 
     def __init__(
         self,
-        kind: str = "mlp",
+        head: HeadOptions = MLPOptions(),
         learning_rates: list[float] = PAPER_LEARNING_RATES,
         seeds: list[int] = [0, 1, 2, 3, 4],
         weight_decay: float = 1e-5,
@@ -126,7 +114,6 @@ class ProbeModule(pl.LightningModule):
         task_names: list[str] | None = None,
         feature_dim: int = 128,
         times: list[float] = [0.5],
-        head_kwargs: dict[str, Any] | None = None,
         results_dir: str = "results/probes",
         member_chunk: int | None = None,
         export_attention: bool = True,
@@ -134,23 +121,22 @@ class ProbeModule(pl.LightningModule):
         overwrite_results: bool = False,
     ) -> None:
         super().__init__()
-        if kind not in head_kinds():
-            raise TrajrepError(f"unknown probe head {kind!r}; valid kinds: {', '.join(sorted(head_kinds()))} (kNN "
-                               "has its own config, configs/probe/knn.yaml)")
+        self.kind, self.head_options = kind_of_options(head), head
         if not learning_rates or min(learning_rates) <= 0:
             raise TrajrepError(f"learning rates must be positive, got {learning_rates}")
-        check_head_kwargs(kind, head_kwargs or {})
         self.save_hyperparameters()
+        # As the CLI's config holds them, however the module was built: plain data, which a checkpoint loads safely.
+        self.hparams["head"] = {"class_path": kind_of(self.kind).options_path(), "init_args": dataclasses.asdict(head)}
         self.automatic_optimization = False
         # Mixers are clipped at 1.0 (method §7) unless told otherwise; the MLP-style heads are not.
-        self.grad_clip = grad_clip if grad_clip is not None else (1.0 if kind_of(kind).mixer else None)
+        self.grad_clip = grad_clip if grad_clip is not None else (1.0 if kind_of(self.kind).mixer else None)
         self.task_names = task_names or [f"task{k}" for k in range(len(num_classes))]
         time_indices = list(range(len(times))) if self.single_time else [None]
         self.members = [
             {"task": k, "time_index": i, "lr": lr, "seed": seed}
             for k, i, lr, seed in itertools.product(range(len(num_classes)), time_indices, learning_rates, seeds)
         ]
-        chunk = member_chunk if member_chunk is not None else default_member_chunk(kind, len(self.members))
+        chunk = member_chunk if member_chunk is not None else default_member_chunk(self.kind, len(self.members))
         if chunk < 1:
             raise TrajrepError(f"member_chunk must be >= 1 (members trained together), got {chunk}")
         self.chunks = [slice(start, start + chunk) for start in range(0, len(self.members), chunk)]
@@ -180,27 +166,27 @@ class ProbeModule(pl.LightningModule):
     @property
     def single_time(self) -> bool:
         """Whether every t of the grid gets its own members (the per-t probes)."""
-        return kind_of(self.hparams.kind).single_time
+        return kind_of(self.kind).single_time
 
     @property
     def exports_attention(self) -> bool:
-        return kind_of(self.hparams.kind).attention and self.hparams.export_attention
+        return kind_of(self.kind).attention and self.hparams.export_attention
 
     def _build_head(self, members: list[dict]) -> torch.nn.Module:
         extra = {"time_index": [m["time_index"] for m in members]} if self.single_time else {}
-        return build_head(self.hparams.kind, num_members=len(members), feature_dim=self.hparams.feature_dim,
-                          num_times=len(self.hparams.times), num_classes=[max(self.hparams.num_classes)],
-                          seeds=[m["seed"] for m in members], **extra, **(self.hparams.head_kwargs or {}))
+        return build_head(self.kind, self.head_options, num_members=len(members),
+                          feature_dim=self.hparams.feature_dim, num_times=len(self.hparams.times),
+                          num_classes=[max(self.hparams.num_classes)], seeds=[m["seed"] for m in members], **extra)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, **head_kwargs) -> Any:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, **head_call) -> Any:
         """Every member's logits (G, B, C) for a shared batch (B, T, d), extra logits of narrower tasks at -inf.
-        Head options (return_attention, key_mask for the attention heads) pass through; with return_attention
-        the result is (logits, attention (G, B, T + 1))."""
+        The heads' call arguments (return_attention, key_mask for the attention heads) pass through; with
+        return_attention the result is (logits, attention (G, B, T + 1))."""
         t = self.times if t is None else t
-        key_mask = head_kwargs.pop("key_mask", None)
-        outputs = [head(x, t, **head_kwargs, **self._chunk_of(key_mask, part))
+        key_mask = head_call.pop("key_mask", None)
+        outputs = [head(x, t, **head_call, **self._chunk_of(key_mask, part))
                    for head, part in zip(self.heads, self.chunks)]
-        if head_kwargs.get("return_attention"):
+        if head_call.get("return_attention"):
             logits, attention = (torch.cat(parts) for parts in zip(*outputs))
             return self._mask_logits(logits, slice(None)), attention
         return self._mask_logits(torch.cat(outputs), slice(None))
@@ -236,7 +222,7 @@ class ProbeModule(pl.LightningModule):
         except under DDP, whose gradient reducer expects one backward per step: there the chunks' losses are
         summed into one backward. Members are clipped after every backward, on the gradients DDP averaged."""
         t, subset = self.times, None
-        if self.hparams.kind == "continuous":  # one random time subset per step, shared by every member
+        if self.kind == "continuous":  # one random time subset per step, shared by every member
             subset = random_time_subset(len(t), generator=self._subset_generator).to(t.device)
             t = t[subset]
         one_backward = self._trainer is not None and self.trainer.world_size > 1
@@ -272,7 +258,7 @@ class ProbeModule(pl.LightningModule):
         if newly:
             self._reported_diverged.update(newly)
             names = ", ".join(sorted({f"lr {self.members[g]['lr']:g}" for g in newly}))
-            rank_zero_warn(f"{len(newly)} of {len(self.members)} {self.hparams.kind} probe members diverged "
+            rank_zero_warn(f"{len(newly)} of {len(self.members)} {self.kind} probe members diverged "
                            f"(non-finite training loss) by epoch {self.current_epoch} ({names}); their records are "
                            "marked diverged and their learning rates are left out of selection")
 
@@ -335,7 +321,7 @@ class ProbeModule(pl.LightningModule):
         epochs, val, test = best_epochs(np.array(self.val_history), np.array(self.test_history))
         diverged = self.diverged.tolist()
         return [{
-            "probe": self.hparams.kind,
+            "probe": self.kind,
             "task": self.task_names[m["task"]],
             "time": None if m["time_index"] is None else self.hparams.times[m["time_index"]],
             "lr": m["lr"],
@@ -348,14 +334,17 @@ class ProbeModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """The continuous head's time code reads sigma(t) of the noise process the cache names (its manifest's
-        sigma_min, sigma_max), not a default; data without one (in-memory tensors) keeps the head's own."""
+        sigma_min, sigma_max), not a default; data without one (in-memory tensors) keeps the head's own. A sigma
+        set away from its default that disagrees with the cache is refused."""
         if self.single_time:
-            require_each_t_once(self.hparams.kind, self.trainer.datamodule)
+            require_each_t_once(self.kind, self.trainer.datamodule)
         noise = getattr(self.trainer.datamodule, "metadata", {}).get("sde")
-        if self.hparams.kind == "continuous" and noise is not None:
-            given = {key: value for key, value in (self.hparams.head_kwargs or {}).items() if key.startswith("sigma_")}
+        if self.kind == "continuous" and noise is not None:
+            defaults = type(self.head_options)()
+            given = {key: getattr(self.head_options, key) for key in ("sigma_min", "sigma_max")
+                     if getattr(self.head_options, key) != getattr(defaults, key)}
             if any(noise[key] != value for key, value in given.items()):
-                raise TrajrepError(f"head_kwargs {given} disagree with the noise process of the cache "
+                raise TrajrepError(f"head options {given} disagree with the noise process of the cache "
                                    f"({noise}); leave sigma_min and sigma_max out, the head reads them from the data")
             for heads in (self.heads, getattr(self, "best_heads", [])):
                 for head in heads:

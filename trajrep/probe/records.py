@@ -1,6 +1,8 @@
 """Probe result files: JSON records with a checksum, written atomically; tables are built from these alone."""
 
+import dataclasses
 import hashlib
+import importlib
 import json
 import subprocess
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING
 from trajrep.checks import ensure_writable
 from trajrep.disk import atomic_write_bytes
 from trajrep.errors import TrajrepError
+from trajrep.probe.kinds import kind_of_options
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
@@ -106,17 +109,34 @@ def read_results(path: str | Path) -> dict:
 # Options that change where results go or how fast they come, never the numbers: left out of the settings digest.
 RESULT_NEUTRAL = {"results_dir", "encoder_name", "export_attention", "member_chunk", "overwrite_results"}
 DATA_SETTINGS = ("val_fraction", "split_seed", "batch_size", "standardize", "replicate_time")
-# kNN's class path before the probe package (#16): the digest keeps it, so that a result file keeps the name it had
-# (and a rerun of the same settings replaces a committed record instead of joining it). ProbeModule needs no entry:
-# the package exposes it, so its path is still recorded as trajrep.probe.ProbeModule.
+# The digest takes the settings in the form they had before the probe package and typed head options (#16), so that
+# a result file keeps the name it had (and a rerun of the same settings replaces a committed record instead of
+# joining it): kNN's class path as it was (ProbeModule's needs no entry: the package exposes it, so its path is still
+# recorded as trajrep.probe.ProbeModule), and the head as `kind` and `head_kwargs` (`untyped_head`).
 LEGACY_CLASS_PATHS = {"trajrep.probe.knn.KNNProbe": "trajrep.knn.KNNProbe"}
+
+
+def untyped_head(model: dict) -> dict:
+    """Model settings with the head's options (`head`: class path and init args) as they were given before they
+    were typed: the kind, and `head_kwargs`, the options set away from their defaults (None if none). Settings
+    without a head (kNN's, older records') are returned as they are."""
+    head = model.get("head")
+    if not isinstance(head, dict):
+        return model
+    module, _, name = head["class_path"].rpartition(".")
+    options = getattr(importlib.import_module(module), name)(**head["init_args"])
+    defaults = type(options)()
+    changed = {field.name: getattr(options, field.name) for field in dataclasses.fields(options)
+               if getattr(options, field.name) != getattr(defaults, field.name)}
+    return {**{key: value for key, value in model.items() if key != "head"}, "kind": kind_of_options(options),
+            "head_kwargs": changed or None}
 
 
 def result_settings_digest(model: dict, data: dict, max_epochs: int | None) -> str:
     """The digest of the settings a probe's numbers depend on: its model options, the data options that change
     what it trains on, and its epochs."""
     model = {key: LEGACY_CLASS_PATHS.get(value, value) if key == "_class_path" else value
-             for key, value in model.items() if key not in RESULT_NEUTRAL}
+             for key, value in untyped_head(model).items() if key not in RESULT_NEUTRAL}
     return settings_digest({"model": model, "data": {key: data.get(key) for key in DATA_SETTINGS},
                             "max_epochs": max_epochs})
 
