@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
 from conftest import QUICKSTART, REPO, fake_cifar, tiny_fit_args
 import trajrep.lightning_cli
+import trajrep.nn.probes
 from trajrep.cli import main
 from trajrep.errors import TrajrepError
 from trajrep.nn.probes import HeadOptions
@@ -55,6 +56,9 @@ def named_in_configs(base: type) -> list[type]:
 
 
 CONFIGURABLE = [cls for base in (LightningModule, LightningDataModule, Callback) for cls in named_in_configs(base)]
+CONFIGURABLE += [cls for cls in vars(trajrep.nn.probes).values()  # the heads' options, inherited ones too
+                 if isinstance(cls, type) and issubclass(cls, HeadOptions) and dataclasses.is_dataclass(cls)
+                 and dataclasses.fields(cls)]
 
 
 @pytest.mark.parametrize("cls", CONFIGURABLE, ids=[cls.__name__ for cls in CONFIGURABLE])

@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from trajrep.probe.kinds import KINDS, Kind, single_time_kinds
-from trajrep.nn.probes import MeanHead, MeanOptions, SingleTimeHead
+from trajrep.errors import TrajrepError
+from trajrep.probe.kinds import KINDS, Kind, build_head, register, single_time_kinds
+from trajrep.nn.probes import MeanHead, MeanOptions, ProbeHead, SingleTimeHead
 from trajrep.analysis.collect import columns, differences
 from trajrep.reproduce import main as reproduce_main
 from trajrep.probe.records import read_results
@@ -43,6 +44,18 @@ def test_the_registry_orders_the_table_and_says_which_kinds_mix():
         "gru", "transformer", "continuous", "gru-layers", "transformer-layers", "continuous-layers"]
     replicated = [column for _, column, _ in differences() if column.endswith("-replicated")]
     assert replicated[:3] == ["gru-replicated", "transformer-replicated", "continuous-replicated"]  # mixers first
+
+
+
+def test_a_head_without_options_is_refused_where_it_is_registered_and_knn_builds_no_head(monkeypatch):
+    class NoOptionsHead(ProbeHead):
+        """A head that forgot its options class."""
+
+    monkeypatch.setattr("trajrep.probe.kinds.KINDS", dict(KINDS))  # nothing registered here outlives the test
+    with pytest.raises(TrajrepError, match="the head NoOptionsHead names no options class"):
+        register("no-options", Kind(NoOptionsHead, "no options", config="mean", mixer=True))
+    with pytest.raises(TrajrepError, match="the knn probe trains no head"):
+        build_head("knn", None, num_members=1, feature_dim=4, num_times=2, num_classes=[3], seeds=[0])
 
 
 @pytest.mark.slow

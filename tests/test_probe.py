@@ -260,12 +260,22 @@ def test_the_continuous_head_reads_sigma_of_the_noise_process_the_data_names(tmp
                default_root_dir=tmp_path).fit(module, datamodule=data)
     for head in [*module.heads, *module.best_heads]:
         assert (head.sde.sigma_min, head.sde.sigma_max) == (0.002, 80.0)
-    disagreeing = ProbeModule(ContinuousOptions(sigma_max=60.0), learning_rates=[1e-3], seeds=[0], num_classes=[3],
+    disagreeing = ProbeModule(ContinuousOptions(sigma_max=50.0), learning_rates=[1e-3], seeds=[0], num_classes=[3],
                               feature_dim=4, times=[0.0, 1.0], results_dir=str(tmp_path / "other"))
     with pytest.raises(TrajrepError, match="disagree with the noise process of the cache"):
         pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    default_root_dir=tmp_path).fit(disagreeing, datamodule=data)
 
+
+
+@pytest.mark.parametrize("head", [ContinuousOptions(d_model=8, ffn_dim=16, sigma_max=80.0), MLPOptions(dropout=0.0)],
+                         ids=["continuous", "mlp"])
+def test_a_probe_is_rebuilt_from_its_hyperparameters_as_a_checkpoint_stores_them(head):
+    module = ProbeModule(head, learning_rates=[1e-3], seeds=[0], num_classes=[3], feature_dim=4, times=[0.0, 1.0])
+    assert isinstance(module.hparams["head"], dict)  # plain data, which a checkpoint loads safely
+    rebuilt = ProbeModule(**module.hparams)  # what load_from_checkpoint does
+    assert (rebuilt.kind, rebuilt.head_options) == (module.kind, head)
+    assert rebuilt.state_dict().keys() == module.state_dict().keys()
 
 def test_a_grid_of_one_member_keeps_its_history(tmp_path):
     import lightning.pytorch as pl

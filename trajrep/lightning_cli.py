@@ -89,10 +89,19 @@ def summarise_parser_error(message: str) -> str:
         detail = next((line for line in lines if line and not line.startswith(FRAMING)), message.strip())
     chosen = re.findall(r"Problem with given class_path '([^']+)'", message)
     if chosen and "is not accepted" in detail:  # a misspelled option of a class (a head's options): list them
-        module, name = chosen[-1].rsplit(".", 1)  # the innermost class
-        options = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-        detail += f"; the options of {name}: {', '.join(options) or 'none'}"
+        detail += options_of(chosen[-1])  # the innermost class
     return f"{where}: {detail}" if where else detail
+
+
+def options_of(class_path: str) -> str:
+    """"; the options of <class>: ..." for an error message, or nothing if the class cannot be read (the error
+    it explains must still come out)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        options = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return ""
+    return f"; the options of {name}: {', '.join(options) or 'none'}"
 
 
 class OneLineErrorParser(LightningArgumentParser):

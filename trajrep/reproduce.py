@@ -450,7 +450,7 @@ class Reproduction:
         trains = kind_of(kind).head is not None
         training = [*self.preset.probe_args, *dataset.probe_args] if trains else []
         config = kind_of(kind).config  # a registered head may start from another kind's config, with its own options
-        head = [f"--model.head={kind_of(kind).options_path()}"] if config != kind else []
+        head = [f"--model.head={kind_of(kind).options_path()}"] if trains else []
         args = ["--config", str(CONFIGS / "probe" / f"{config}.yaml"), *head,
                 *data, f"--data.images={json.dumps(dataset.images_config)}", f"--data.dataset_name={dataset.name}",
                 f"--model.results_dir={folder}",

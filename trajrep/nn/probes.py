@@ -136,20 +136,17 @@ class ContinuousOptions(TransformerOptions):
     """The Transformer's options, and those of the time code.
 
     Args:
-        d_model: width of the tokens.
-        num_heads: attention heads.
-        ffn_dim: width of the feed-forward layer.
-        num_applications: how many times the one block (shared weights) is applied.
-        dropout: dropout on the tokens, the attention and the feed-forward layer.
-        sigma_min: smallest noise scale of sigma(t); a probe sets it from the cache it reads.
-        sigma_max: largest noise scale of sigma(t); a probe sets it from the cache it reads.
+        sigma_min: smallest noise scale of sigma(t); None: the one of the cache the probe reads (VESDE's default
+            for data that names none).
+        sigma_max: largest noise scale of sigma(t); None: the one of the cache the probe reads (VESDE's default
+            for data that names none).
         num_frequencies: Fourier frequencies of the time code.
         fourier_scale: scale of the Fourier frequencies.
         fourier_seed: seed of the Fourier frequencies (shared by all members).
     """
 
-    sigma_min: float = 0.01
-    sigma_max: float = 50.0
+    sigma_min: float | None = None
+    sigma_max: float | None = None
     num_frequencies: int = 16
     fourier_scale: float = 1.0
     fourier_seed: int = 0
@@ -393,7 +390,8 @@ class ContinuousTransformerHead(_TokenMixerHead):
     The Fourier frequencies are a fixed feature map shared by all members, drawn from `fourier_seed`. Their
     default scale is 1 (not the 16 of the encoder's time embedding): log sigma spans about 8.5 over t in [0, 1],
     and scale 16 would make neighbouring grid times look unrelated, defeating interpolation to unseen t.
-    `sigma_min` and `sigma_max` give the noise process of sigma(t); ProbeModule sets them from the cache it reads.
+    `sigma_min` and `sigma_max` give the noise process of sigma(t); ProbeModule sets those left at None from the
+    cache it reads.
     """
 
     Options = ContinuousOptions
@@ -402,7 +400,8 @@ class ContinuousTransformerHead(_TokenMixerHead):
                  seeds: Sequence[int], options: ContinuousOptions = ContinuousOptions()) -> None:
         generators = member_generators(seeds)
         super().__init__(num_members, feature_dim, num_times, num_classes, seeds, options, generators)
-        self.sde = VESDE(options.sigma_min, options.sigma_max)
+        given = {"sigma_min": options.sigma_min, "sigma_max": options.sigma_max}
+        self.sde = VESDE(**{key: value for key, value in given.items() if value is not None})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(options.fourier_seed)
             self.fourier = GaussianFourierFeatures(options.num_frequencies, options.fourier_scale)

@@ -38,9 +38,18 @@ class Kind:
         module, name = self.head.split(":")
         return getattr(importlib.import_module(module), name)
 
+    def options_class(self) -> type:
+        """The head's options dataclass, its `Options`; a head that names none is a clear error."""
+        head = self.head_class()
+        options = getattr(head, "Options", None)
+        if options is None:
+            raise TrajrepError(f"the head {head.__name__} names no options class: give it `Options = MyOptions`, a "
+                               "frozen dataclass subclassing trajrep.nn.probes.HeadOptions")
+        return options
+
     def options_path(self) -> str:
         """The class path of the head's options, as the CLI takes it (`--model.head=<path>`)."""
-        options = self.head_class().Options
+        options = self.options_class()
         return f"{options.__module__}.{options.__qualname__}"
 
 
@@ -48,7 +57,9 @@ KINDS: dict[str, Kind] = {}
 
 
 def register(name: str, kind: Kind) -> None:
-    """Add (or replace) the kind `name`."""
+    """Add (or replace) the kind `name`. A head given as a class must name its options class."""
+    if isinstance(kind.head, type):
+        kind.options_class()
     KINDS[name] = kind
 
 
@@ -72,26 +83,39 @@ def single_time_kinds() -> list[str]:
 def kind_of_options(options: object) -> str:
     """The kind whose head takes `options` (an instance of its `Options`); none, or several (heads that share an
     options class), is a clear error."""
-    found = [name for name in head_kinds() if KINDS[name].head_class().Options is type(options)]
+    found = [name for name in head_kinds() if KINDS[name].options_class() is type(options)]
     if len(found) != 1:
         problem = "no probe kind takes" if not found else f"the kinds {', '.join(found)} all take"
-        known = ", ".join(KINDS[name].head_class().Options.__name__ for name in head_kinds())
+        known = ", ".join(KINDS[name].options_class().__name__ for name in head_kinds())
         raise TrajrepError(f"{problem} head options {type(options).__name__}; the kinds' options: {known} (a "
                            "registered head needs an options class of its own)")
     return found[0]
 
 
-def default_options(name: str) -> object:
-    """The head options of kind `name` at their defaults."""
+def options_from_config(config: dict) -> object:
+    """Head options from the form a config, a probe's hyperparameters and its result records hold them in:
+    {"class_path": ..., "init_args": {...}}."""
+    module, _, name = config["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**config.get("init_args", {}))
+
+
+def head_class_of(name: str) -> type:
+    """The head class of kind `name`; a kind that trains no head (kNN) is a clear error."""
     head = kind_of(name).head_class()
     if head is None:
         raise TrajrepError(f"the {name} probe trains no head; run it with its own config (configs/probe/{name}.yaml)")
-    return head.Options()
+    return head
+
+
+def default_options(name: str) -> object:
+    """The head options of kind `name` at their defaults."""
+    head_class_of(name)  # kNN trains no head: a clear error
+    return kind_of(name).options_class()()
 
 
 def build_head(name: str, options: object, **sizes):
     """The head of kind `name` (a trajrep.nn.probes.ProbeHead) with its `options` and the module's `sizes`."""
-    return kind_of(name).head_class()(**sizes, options=options)
+    return head_class_of(name)(**sizes, options=options)
 
 
 # Members per chunk, the fastest on a 2-core CPU (fewer, larger kernels vs activations that stay in cache):

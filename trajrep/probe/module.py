@@ -23,7 +23,7 @@ from trajrep.diffusion import VESDE
 from trajrep.errors import TrajrepError
 from trajrep.nn.grouped import GroupedAdam
 from trajrep.nn.probes import HeadOptions, MLPOptions, clip_grad_norm_per_member_, member_losses, random_time_subset
-from trajrep.probe.kinds import build_head, kind_of, kind_of_options
+from trajrep.probe.kinds import build_head, kind_of, kind_of_options, options_from_config
 from trajrep.probe.evaluation import ProbeResults
 from trajrep.probe.selection import best_epochs
 
@@ -84,7 +84,8 @@ class ProbeModule(pl.LightningModule):
             LinearOptions (one per t); GRUOptions, TransformerOptions or ContinuousOptions (a transformer that reads
             sigma(t)), the mixers over t; ConcatOptions, MeanOptions or WeightedOptions, baselines (an MLP on all t
             concatenated, on their mean, on a learned weighted sum). On the command line:
-            `--model.head=TransformerOptions --model.head.d_model=64`.
+            `--model.head=TransformerOptions --model.head.d_model=64`. Also taken in the form the module's
+            hyperparameters hold it (a class path and its init args), so that `load_from_checkpoint` rebuilds it.
         learning_rates: the lr grid; every lr x seed is one member, the lr is selected on validation.
         seeds: probe seeds (set from the data's seeds).
         weight_decay: Adam's L2 weight decay.
@@ -121,6 +122,7 @@ class ProbeModule(pl.LightningModule):
         overwrite_results: bool = False,
     ) -> None:
         super().__init__()
+        head = options_from_config(head) if isinstance(head, dict) else head
         self.kind, self.head_options = kind_of_options(head), head
         if not learning_rates or min(learning_rates) <= 0:
             raise TrajrepError(f"learning rates must be positive, got {learning_rates}")
@@ -335,14 +337,13 @@ class ProbeModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """The continuous head's time code reads sigma(t) of the noise process the cache names (its manifest's
         sigma_min, sigma_max), not a default; data without one (in-memory tensors) keeps the head's own. A sigma
-        set away from its default that disagrees with the cache is refused."""
+        given in the head's options that disagrees with the cache is refused."""
         if self.single_time:
             require_each_t_once(self.kind, self.trainer.datamodule)
         noise = getattr(self.trainer.datamodule, "metadata", {}).get("sde")
         if self.kind == "continuous" and noise is not None:
-            defaults = type(self.head_options)()
             given = {key: getattr(self.head_options, key) for key in ("sigma_min", "sigma_max")
-                     if getattr(self.head_options, key) != getattr(defaults, key)}
+                     if getattr(self.head_options, key) is not None}
             if any(noise[key] != value for key, value in given.items()):
                 raise TrajrepError(f"head options {given} disagree with the noise process of the cache "
                                    f"({noise}); leave sigma_min and sigma_max out, the head reads them from the data")

@@ -2,7 +2,6 @@
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import subprocess
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING
 from trajrep.checks import ensure_writable
 from trajrep.disk import atomic_write_bytes
 from trajrep.errors import TrajrepError
-from trajrep.probe.kinds import kind_of_options
+from trajrep.probe.kinds import kind_of_options, options_from_config
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
@@ -112,7 +111,8 @@ DATA_SETTINGS = ("val_fraction", "split_seed", "batch_size", "standardize", "rep
 # The digest takes the settings in the form they had before the probe package and typed head options (#16), so that
 # a result file keeps the name it had (and a rerun of the same settings replaces a committed record instead of
 # joining it): kNN's class path as it was (ProbeModule's needs no entry: the package exposes it, so its path is still
-# recorded as trajrep.probe.ProbeModule), and the head as `kind` and `head_kwargs` (`untyped_head`).
+# recorded as trajrep.probe.ProbeModule), and the head as `kind` and `head_kwargs` (`untyped_head`). An option
+# given at its default counts as not given, as it always should have.
 LEGACY_CLASS_PATHS = {"trajrep.probe.knn.KNNProbe": "trajrep.knn.KNNProbe"}
 
 
@@ -123,8 +123,7 @@ def untyped_head(model: dict) -> dict:
     head = model.get("head")
     if not isinstance(head, dict):
         return model
-    module, _, name = head["class_path"].rpartition(".")
-    options = getattr(importlib.import_module(module), name)(**head["init_args"])
+    options = options_from_config(head)
     defaults = type(options)()
     changed = {field.name: getattr(options, field.name) for field in dataclasses.fields(options)
                if getattr(options, field.name) != getattr(defaults, field.name)}
