@@ -41,7 +41,8 @@ def test_the_registry_orders_the_table_and_says_which_kinds_mix():
     assert list(columns())[:len(KINDS)] == list(KINDS)  # the table lists kinds in registry order
     assert single_time_kinds() == ["mlp", "linear", "knn"]
     assert [column for column, baseline, _ in differences() if baseline == "mlp"] == [
-        "gru", "transformer", "continuous", "gru-layers", "transformer-layers", "continuous-layers"]
+        "gru", "transformer", "continuous", "gru-layers", "transformer-layers", "continuous-layers",
+        "concat", "mean", "weighted"]  # the mixers, then the pooling heads over t
     replicated = [column for _, column, _ in differences() if column.endswith("-replicated")]
     assert replicated[:3] == ["gru-replicated", "transformer-replicated", "continuous-replicated"]  # mixers first
 

@@ -8,7 +8,8 @@ single t chosen on validation).
 Denoiser features have a row per block ("encoder @ block", the single-t probes of that block) and a row of the
 encoder without a block: there the single-t probes are at the (block, t) best on validation, as DDAE picks them
 by hand, the mixers at the block the MLP chose, and the Transformer over (layer, t) reads every block at every t.
-"mixer - best t" is the mean difference over pretraining seeds with a 95 % t-interval (none with one seed).
+"probe - best t" (each probe over t: the mixers, concat, mean, weighted) is the mean difference over pretraining seeds
+with a 95 % t-interval (none with one seed).
 "CKA across t" is the mean linear CKA between the representations at two different times (trajrep.similarity).
 """
 
@@ -49,11 +50,13 @@ def mixer_columns() -> list[str]:
 
 def differences() -> list[tuple[str, str, str]]:
     """(column, baseline, label) of each difference the table reports with a 95 % interval over paired pretraining
-    seeds: every mixer minus the best single t, then every kind minus its replicated best t (mixers first)."""
+    seeds: every probe over t minus the best single t (the mixers first, then the pooling heads such as concat,
+    the capacity references), then every kind minus its replicated best t (mixers first)."""
     labels = columns()
+    pooled = [name for name, kind in KINDS.items() if not kind.single_time and not kind.mixer]
     replicated = sorted((column for column in labels if column.endswith("-replicated")),
                         key=lambda column: not KINDS[base_kind(column)].mixer)
-    return [*((column, "mlp", f"{labels[column]} - best t") for column in mixer_columns()),
+    return [*((column, "mlp", f"{labels[column]} - best t") for column in [*mixer_columns(), *pooled]),
             *((base_kind(column), column, f"{labels[base_kind(column)]} - replicated best t")
               for column in replicated)]
 
