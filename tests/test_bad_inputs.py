@@ -5,6 +5,7 @@ import json
 import pathlib
 import re
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -262,6 +263,18 @@ def test_fp16_mixed_precision_on_cpu_runs_as_bf16(tmp_path):
     cli = build_cli(tiny_fit_args(tmp_path, 1, "--trainer.precision=16-mixed", "--trainer.accelerator=cpu")[1:],
                     run=False)
     assert cli.trainer.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_a_warning(tmp_path, monkeypatch, native):
+    monkeypatch.setattr("trajrep.checks.cpu_has_bf16", lambda: native)
+    args = tiny_fit_args(tmp_path, 1, "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu")[1:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_cli(args, run=False)
+    emulated = [w for w in caught if "without bf16 instructions" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)
+    assert native or "--trainer.precision=32-true" in str(emulated[0].message)
 
 
 def test_image_size_the_score_net_cannot_halve_is_one_line(tmp_path, capsys):

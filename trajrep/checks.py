@@ -44,10 +44,20 @@ def ensure_wandb_ready() -> None:
                        "WANDB_API_KEY), or log offline with WANDB_MODE=offline and upload later with `wandb sync`")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), as oneDNN decides for its kernels."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def ensure_trainer_fits_machine(trainer) -> None:
-    """A CPU run must not ask for more processes than the CPUs it may use: each would crawl. (fp16 mixed precision
-    on CPU needs no check: Lightning runs it as bf16-mixed and says so.)"""
+    """A CPU run must not ask for more processes than the CPUs it may use: each would crawl. bf16 on a CPU without
+    bf16 instructions is emulated (measured on an AVX2-only CPU: 0.12x fp32's steps/s, benchmarks/RESULTS.md), so
+    it gets a warning line. (fp16 mixed precision on CPU needs no check: Lightning runs it as bf16-mixed and says
+    so.)"""
     from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.utilities import rank_zero_warn
 
     from trajrep.threads import available_cpus
 
@@ -57,3 +67,7 @@ def ensure_trainer_fits_machine(trainer) -> None:
     if trainer.num_devices > cpus:
         raise TrajrepError(f"trainer.devices {trainer.num_devices} on CPU needs a CPU per process, and this process "
                            f"may use {cpus}; set --trainer.devices to {cpus} or fewer")
+    precision = str(trainer.precision)
+    if precision.startswith("bf16") and not cpu_has_bf16():
+        rank_zero_warn(f"precision {precision} on a CPU without bf16 instructions (AVX512-BF16 or AMX) is emulated "
+                       "and runs several times slower than fp32: pass --trainer.precision=32-true")
