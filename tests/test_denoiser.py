@@ -88,11 +88,18 @@ def test_a_hooked_block_is_its_output_at_x_t_pooled_and_averaged_over_the_draws(
     with torch.no_grad():
         for index, t in enumerate(reader.times):
             level = torch.full((5,), t)
-            draws = [model.score_net.stem(model.sde.perturb(x0, level, draw_noise(rows, index, draw, 0, x0.shape[1:])))
-                     for draw in (0, 1)]
+            draws = [model.score_net.stem(model.sde.perturb(x0, level, draw_noise("test", rows, index, draw, 0,
+                                                                                  x0.shape[1:]))) for draw in (0, 1)]
             by_hand = torch.stack(draws).mean(dim=0).mean(dim=(2, 3))
             np.testing.assert_allclose(reader.representations("test", [index], "stem")[:5, 0], by_hand.numpy(),
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_a_test_image_does_not_share_its_noise_with_the_training_image_of_its_index():
+    rows, shape = torch.arange(4), (1, 8, 8)
+    train, test = (draw_noise(split, rows, 1, 0, 0, shape) for split in ("train", "test"))
+    assert torch.equal(train, draw_noise("train", rows, 1, 0, 0, shape))  # seeded: the same every time
+    assert (train - test).abs().amax(dim=(1, 2, 3)).min() > 0.5  # no row repeats the other split's
 
 
 def test_features_are_the_same_in_every_run_and_for_any_batch_size(score_only, cache, tmp_path):
@@ -289,7 +296,8 @@ def test_a_preset_of_a_score_only_model_and_its_random_weights_ends_with_the_blo
         assert all(rows[name][kind] for kind in ("mlp", "linear", "transformer", "transformer-layers"))
     assert (tmp_path / "results" / "smoke" / "linear_over_layers.png").stat().st_size > 0
     untrained = next((tmp_path / "results" / "smoke" / "probes" / "shapes-score-untrained").rglob("mlp-*.json"))
-    assert read_results(untrained)["context"]["pretrain_steps"] == 0
+    context = read_results(untrained)["context"]
+    assert context["pretrain_steps"] == 0 and "every layer random" in context["untrained_init"]
 
 
 def test_a_preset_refuses_layer_tokens_without_blocks_and_blocks_without_the_mlp(tmp_path):

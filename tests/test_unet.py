@@ -144,6 +144,15 @@ def test_near_zero_layers_are_the_ones_that_close_a_branch():
     assert small == expected and len(expected) == 28 + 4 + 1  # 28 ResBlocks, 4 attentions, the head
 
 
+def test_a_random_features_net_has_no_near_zero_layer_and_answers_its_input():
+    torch.manual_seed(0)
+    net = ScoreUNet(**CIFAR).eval()
+    net.draw_residual_closers_()
+    assert all(p.abs().max() > 1e-2 for name, p in net.named_parameters() if name.endswith("weight") and p.dim() > 1)
+    x_t, log_sigma = 5 * torch.randn(2, 3, 32, 32), torch.randn(2)
+    assert net(x_t, log_sigma, torch.randn(2, 128)).abs().max() > 0.1
+
+
 def test_pretraining_uses_the_bottleneck_by_default():
     sizes = dict(image_channels=3, image_size=16, encoder_depth=10, widen_factor=0.25, nf=8, ch_mult=(1, 2),
                  num_res_blocks=1, attn_resolutions=(8,))

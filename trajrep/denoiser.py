@@ -138,17 +138,20 @@ def load_backbone(path: str | Path, ema: bool = False, images: ImageDataModule |
     return DiffusersBackbone(unet, getattr(diffusers, DIFFUSERS_SCHEDULER).from_pretrained(scheduler_dir), str(path))
 
 
-def noise_seed_of(noise_seed: int, index: int, time_index: int, draw: int) -> int:
-    """The generator seed of one image's noise at one t and draw: a hash, so no two (index, t, draw) share it."""
-    digest = hashlib.blake2b(f"{noise_seed}:{index}:{time_index}:{draw}".encode(), digest_size=8).digest()
+def noise_seed_of(noise_seed: int, split: str, index: int, time_index: int, draw: int) -> int:
+    """The generator seed of one image's noise at one t and draw: a hash, so no two (split, index, t, draw) share
+    it. The split is in it so that test image i and training image i do not share their noise (a kNN probe would
+    find its noise twin at high t)."""
+    digest = hashlib.blake2b(f"{noise_seed}:{split}:{index}:{time_index}:{draw}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
-def draw_noise(indices: torch.Tensor, time_index: int, draw: int, noise_seed: int,
+def draw_noise(split: str, indices: torch.Tensor, time_index: int, draw: int, noise_seed: int,
                shape: tuple[int, ...]) -> torch.Tensor:
-    """(B, *shape) standard normal noise, each row from its own (noise seed, image index, t, draw) generator."""
+    """(B, *shape) standard normal noise, each row from its own (noise seed, split, image index, t, draw)
+    generator."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-        noise_seed_of(noise_seed, int(index), time_index, draw))) for index in indices.tolist()])
+        noise_seed_of(noise_seed, split, int(index), time_index, draw))) for index in indices.tolist()])
 
 
 def first_tensor(output: Any) -> Any:
@@ -235,7 +238,7 @@ def extract_denoiser_features(trainer: pl.Trainer, backbone: Backbone, images: I
     widths = block_widths(backbone, blocks)
     identity = denoiser_identity(backbone.describe(times), blocks, draws, noise_seed, times, dtype, splits,
                                  images.identity())
-    return write_cache(trainer, DenoiserFeatures(backbone, blocks, times, draws, noise_seed), identity,
+    return write_cache(trainer, DenoiserFeatures(backbone, blocks, times, splits, draws, noise_seed), identity,
                        {"checkpoint": checkpoint}, ExtractionData(images, splits, batch_size, backbone.normalize),
                        times, widths, dtype, cache_dir, recompute, layers=list(blocks))
 
@@ -244,19 +247,20 @@ class DenoiserFeatures(pl.LightningModule):
     """Predict-loop module: (index, x0, y) -> (index, [(B, T, C_block) per block], y), the pooled block outputs of
     the denoiser at every t of the grid, averaged over `draws` noise draws."""
 
-    def __init__(self, backbone: Backbone, blocks: list[str], times: list[float], draws: int = 1,
-                 noise_seed: int = 0) -> None:
+    def __init__(self, backbone: Backbone, blocks: list[str], times: list[float], splits: tuple[str, ...],
+                 draws: int = 1, noise_seed: int = 0) -> None:
         super().__init__()
         if draws < 1:
             raise TrajrepError(f"draws must be >= 1 noise draws per image and t, got {draws}")
         self.backbone, self.network = backbone, backbone.network.eval()  # registered: the Trainer moves it
         self.blocks, self.times, self.draws, self.noise_seed = list(blocks), list(times), draws, noise_seed
+        self.splits = tuple(splits)  # in the order of the predict loaders
         BlockOutputs(self.network, self.blocks).remove()  # the names are checked now
         # Hooked only while predicting: a module with hooks (closures) cannot be pickled to DDP's processes.
         self.outputs: BlockOutputs | None = None
 
     @torch.no_grad()
-    def forward(self, index: torch.Tensor, x0: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, split: str, index: torch.Tensor, x0: torch.Tensor) -> list[torch.Tensor]:
         if self.outputs is None:
             self.outputs = BlockOutputs(self.network, self.blocks)
         per_time: list[list[torch.Tensor]] = []
@@ -264,7 +268,7 @@ class DenoiserFeatures(pl.LightningModule):
             level = torch.full((x0.shape[0],), t, device=x0.device)
             total = None
             for draw in range(self.draws):
-                noise = draw_noise(index, time_index, draw, self.noise_seed, tuple(x0.shape[1:])).to(x0)
+                noise = draw_noise(split, index, time_index, draw, self.noise_seed, tuple(x0.shape[1:])).to(x0)
                 self.outputs.taken.clear()
                 self.backbone.denoise(self.backbone.noisy(x0, level, noise), level)
                 taken = [self.outputs.taken[name] for name in self.blocks]
@@ -275,7 +279,7 @@ class DenoiserFeatures(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         index, x0, labels = batch
         with full_precision(x0.device):
-            return index, self(index, x0), labels
+            return index, self(self.splits[dataloader_idx], index, x0), labels
 
     def on_predict_end(self) -> None:
         if self.outputs is not None:  # the backbone is left as it came

@@ -38,7 +38,7 @@ from trajrep.lightning_cli import build_cli, run as cli_main, summarise_parser_e
 from trajrep.errors import TrajrepError, errors_as_one_line
 from trajrep.launch import (LAUNCHERS, Resources, Stage, check_launch, print_graph, print_status, resources_for,
                             run_inline, run_local, submit_slurm)
-from trajrep.pretrain.module import calibrate_untrained
+from trajrep.pretrain.module import calibrate_untrained, randomize_untrained_score_net
 from trajrep.analysis.report import report
 from trajrep.probe.kinds import KINDS, kind_of, single_time_kinds
 from trajrep.probe.records import read_results
@@ -410,19 +410,23 @@ class Reproduction:
                    for probing in self.probings(encoder))
 
     def untrained(self, dataset: Dataset, encoder: Encoder) -> Path:
-        """A checkpoint of the variant's randomly initialised model (0 steps), its encoder's BatchNorm statistics
-        calibrated on training images at random t: the untrained-encoder (random features) control."""
+        """A checkpoint of the variant's randomly initialised model (0 steps), the random-features control: its
+        encoder's BatchNorm statistics calibrated on training images at random t, or for a score-only model every
+        layer of its score net random."""
         seed = (encoder.seeds or self.preset.seeds)[0]
         path = self.runs / f"{dataset.name}-{encoder.name}-untrained" / "untrained.ckpt"
         if path.exists():
             return path
         pl.seed_everything(seed)
         cli = build_cli([*self._pretrain_args(dataset, encoder, seed, path.parent), *self._threads], run=False)
-        calibration = None if cli.model.encoder is None else calibrate_untrained(cli.model, cli.datamodule, seed)
+        if cli.model.encoder is None:  # a plain diffusion model: its denoiser's features are read
+            control = {"untrained_init": randomize_untrained_score_net(cli.model)}
+        else:
+            control = {"batchnorm_calibration": calibrate_untrained(cli.model, cli.datamodule, seed)}
         path.parent.mkdir(parents=True, exist_ok=True)
         unfinished = path.with_suffix(".partial")
         torch.save({"state_dict": cli.model.state_dict(), "hyper_parameters": dict(cli.model.hparams),
-                    "global_step": 0, "pretrain_seed": seed, "batchnorm_calibration": calibration}, unfinished)
+                    "global_step": 0, "pretrain_seed": seed, **control}, unfinished)
         unfinished.replace(path)
         return path
 

@@ -39,9 +39,11 @@ def encoder_identity(encoder_state: dict[str, torch.Tensor], mode: str, sigma_bo
 
 def denoiser_identity(backbone: dict, blocks: list[str], draws: int, noise_seed: int, times: list[float],
                       dtype: str, splits: tuple[str, ...], dataset: dict) -> dict:
-    """Everything that determines the content of a denoiser-feature cache; `backbone` is its description."""
+    """Everything that determines the content of a denoiser-feature cache; `backbone` is its description, `noise`
+    how each x_t's noise is seeded (denoiser.noise_seed_of)."""
     return {"source": "denoiser", "backbone": backbone, "blocks": list(blocks), "draws": draws,
-            "noise_seed": noise_seed, "times": times, "dtype": dtype, "splits": list(splits), "dataset": dataset}
+            "noise_seed": noise_seed, "noise": "per (split, image, t, draw)", "times": times, "dtype": dtype,
+            "splits": list(splits), "dataset": dataset}
 
 
 def trajrep_backbone(score_state: dict[str, torch.Tensor], mode: str, sigma_bounds: tuple[float, float],
@@ -128,7 +130,9 @@ def checkpoint_source(checkpoint: str, source: str, ema: bool, images: ImageData
         return CheckpointSource(denoiser_identity(backbone, blocks or [], draws, noise_seed, times, dtype, splits,
                                                   dataset),
                                 {"encoder_mode": f"denoiser ({mode})", **trained, "blocks": list(blocks or []),
-                                 "backbone": backbone}, image_shape)
+                                 "backbone": backbone,
+                                 **({"untrained_init": saved["untrained_init"]} if "untrained_init" in saved else {})},
+                                image_shape)
     if mode == "score-only":
         raise TrajrepError("source: encoder reads E(x0, t), and this model is score-only (it has no encoder): probe "
                            "its denoiser features (--data.source=denoiser)")

@@ -156,6 +156,17 @@ class ScoreUNet(nn.Module):
                 resolution *= 2
         self.head = nn.Sequential(group_norm(channels), nn.SiLU(), conv(channels, image_channels, scale=0.0))
 
+    def draw_residual_closers_(self) -> None:
+        """Draw the layers that start near zero (each residual branch's last layer, and the output layer) at DDPM's
+        scale 1, as every other layer. An untrained net read as a random-features control is then a random
+        nonlinear function of x_t; as initialised for training, each block is only its near-linear skip path."""
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                variance_scaling_(module.conv2.weight)
+            elif isinstance(module, SelfAttention):
+                variance_scaling_(module.proj.weight)
+        variance_scaling_(self.head[-1].weight)
+
     def forward(self, x_t: torch.Tensor, log_sigma: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.time_embedding(log_sigma)
         if self.latent_proj is not None:

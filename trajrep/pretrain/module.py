@@ -260,6 +260,14 @@ class PretrainModule(pl.LightningModule):
 CALIBRATION_IMAGES = 2000
 
 
+def randomize_untrained_score_net(model: PretrainModule) -> str:
+    """A score-only model's random-features control: every layer of its untrained score net random (the layers
+    initialised near zero are drawn again); returns the sentence its records carry."""
+    model.score_net.draw_residual_closers_()
+    return ("weights untrained, every layer random: the layers that start near zero for training (each residual "
+            "branch's last layer, the output layer) drawn at DDPM's scale 1")
+
+
 def calibrate_untrained(model: PretrainModule, images: ImageDataModule, seed: int,
                         num_images: int = CALIBRATION_IMAGES, batch_size: int = 100) -> str:
     """Calibrate an untrained model's encoder BatchNorm on a seeded sample of training images; returns the
