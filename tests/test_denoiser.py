@@ -276,6 +276,24 @@ def test_a_denoiser_variant_probes_every_block_then_mixes_at_the_block_its_mlp_v
     assert "--data.source=denoiser" in tokens and '--data.blocks=["stem", "up.2"]' in tokens
 
 
+def test_a_tie_on_validation_goes_to_the_first_block_of_the_backbone_in_the_preset_and_in_the_report(tmp_path):
+    denoiser_preset(tmp_path)
+    text = yaml.safe_load((tmp_path / "smoke.yaml").read_text())
+    blocks = ["up.2", "stem"]  # the backbone's order, not the folders' (stem sorts first)
+    text["encoders"][-1]["cache"]["blocks"] = blocks
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(text))
+    preset = load_preset(tmp_path / "smoke.yaml", check=False)
+    reproduction = Reproduction(preset, "smoke", tmp_path / "runs", tmp_path / "results")
+    run, probes = "shapes-score-seed0", tmp_path / "results" / "smoke" / "probes"
+    tied = {"stem": {0.0: (0.7, 0.9), 0.5: (0.5, 0.5)}, "up.2": {0.0: (0.6, 0.6), 0.5: (0.7, 0.8)}}
+    for block, accuracies in tied.items():
+        probe_record(probes / run / "g2" / block, "mlp", 0, accuracies, layer=block, blocks=blocks)
+    mixer = next(probing for probing in reproduction.probings(preset.encoders[-1]) if probing.kind == "transformer")
+    assert reproduction.chosen_block(run, mixer) == "up.2"
+    row = next(row for row in table_rows(collect(probes)) if row["encoder"] == "score")
+    assert row["chosen"].startswith("up.2, t = 0.5") and row["mlp"][0] == pytest.approx(0.8)
+
+
 @pytest.mark.slow
 def test_a_preset_of_a_score_only_model_and_its_random_weights_ends_with_the_block_and_t_it_chose(tmp_path,
                                                                                                   scratch_cwd,

@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
@@ -42,6 +43,7 @@ from trajrep.pretrain.module import calibrate_untrained, randomize_untrained_sco
 from trajrep.analysis.report import report
 from trajrep.probe.kinds import KINDS, kind_of, single_time_kinds
 from trajrep.probe.records import read_results
+from trajrep.probe.selection import best_block
 from trajrep.threads import available_cpus
 from trajrep.timegrid import granularity_times
 
@@ -491,12 +493,13 @@ class Reproduction:
         return found
 
     def chosen_block(self, run: str, probing: Probing) -> str:
-        """The block whose MLP has the best validation accuracy (at its best t, mean over tasks)."""
-        def validation(where: str) -> float:
+        """The block whose MLP has the best validation accuracy (at its best t, mean over tasks: the mixers read
+        one block for every task, where the report's single-t cells take each task's own best block)."""
+        val_acc = {}
+        for where in probing.needs:
             summary = read_results(self._mlp_record(run, where, probing))["summary"]
-            return sum(selected["val_acc_mean"] for selected in summary.values()) / len(summary)
-
-        return max(probing.needs, key=validation).rsplit("/", 1)[1]
+            val_acc[where.rsplit("/", 1)[1]] = np.mean([selected["val_acc_mean"] for selected in summary.values()])
+        return best_block(val_acc, list(val_acc))
 
     def build_cache(self, dataset: Dataset, encoder: Encoder, checkpoint: Path) -> None:
         """The representation cache of a checkpoint on all the preset's grids, which its probes then only read

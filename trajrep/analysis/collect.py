@@ -24,6 +24,7 @@ from scipy import stats
 from trajrep.errors import TrajrepError
 from trajrep.probe.kinds import KINDS
 from trajrep.probe.records import probe_label, read_results
+from trajrep.probe.selection import best_block
 from trajrep.similarity import mean_off_diagonal
 from trajrep.timegrid import grid_label
 
@@ -179,7 +180,10 @@ class Collected:
         for row, by_probe in self.layer_candidates.items():
             for probe, by_seed in by_probe.items():
                 for seed, candidates in by_seed.items():
-                    selected, layer = max(candidates, key=lambda candidate: candidate[0]["val_acc_mean"])
+                    by_layer = {layer: selected for selected, layer in candidates}
+                    layer = best_block({layer: selected["val_acc_mean"] for layer, selected in by_layer.items()},
+                                       self.blocks[row])
+                    selected = by_layer[layer]
                     self._add_cell(row, probe, seed, selected, f"the {probe} records of the blocks of {row[1]}")
                     if probe == "mlp":  # the row's accuracy over t: the chosen block's
                         self.chosen[row][seed] = (layer, selected["time"])

@@ -55,6 +55,12 @@ def _select(records: list[dict], epochs: int | None) -> dict:
     return selected
 
 
+def best_block(val_acc: dict[str, float], blocks: list[str]) -> str:
+    """The block with the best validation accuracy; a tie goes to the block that comes first in `blocks` (the
+    backbone's order, as the cache's manifest names them), so the preset's mixers and the report choose alike."""
+    return max(val_acc, key=lambda block: (val_acc[block], -blocks.index(block)))
+
+
 def last_epoch_fraction(records: list[dict], epochs: int) -> float:
     """The fraction of members whose best validation epoch is the last one."""
     return float(np.mean([r["best_epoch"] == epochs - 1 for r in records]))
