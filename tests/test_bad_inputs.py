@@ -328,12 +328,14 @@ def smoke_preset_with(tmp_path: pathlib.Path, change) -> pathlib.Path:
 @pytest.mark.parametrize("change, expected", [
     (lambda p: p.update(probes=["mlp", "transfomer"]), "unknown probe kind(s) 'transfomer'"),
     (lambda p: p.update(probe_kind_args={"transfomer": ["--x"]}), "probe_kind_args has options for 'transfomer'"),
+    (lambda p: p.update(pixel_probe_args={"gru": ["--x"]}), "pixel_probe_args has options for 'gru'"),
     (lambda p: p.update(datasets=p["datasets"] * 2), "dataset names must differ"),
+    (lambda p: p.update(encoders=p["encoders"][:1] * 2), "encoder names must differ"),
     (lambda p: p["encoders"][0]["args"].append("--model.init_args.widht=3"), "Option 'widht' is not accepted"),
     (lambda p: p["datasets"][0].update(images="Shapes"), "'Shapes' is not a trajrep image datamodule"),
     (lambda p: p["datasets"][0].update(pretrain_config="configs/nope.yaml"), "configs/nope.yaml is not a file"),
-], ids=["unknown-kind", "stray-kind-args", "repeated-dataset", "encoder-option-typo", "unknown-images",
-        "missing-pretrain-config"])
+], ids=["unknown-kind", "stray-kind-args", "stray-pixel-args", "repeated-dataset", "repeated-encoder",
+        "encoder-option-typo", "unknown-images", "missing-pretrain-config"])
 def test_a_bad_preset_fails_before_any_stage(change, expected, tmp_path):
     with pytest.raises(TrajrepError, match=re.escape(expected)):
         load_preset(smoke_preset_with(tmp_path, change))
