@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
@@ -498,7 +497,8 @@ class Reproduction:
         val_acc = {}
         for where in probing.needs:
             summary = read_results(self._mlp_record(run, where, probing))["summary"]
-            val_acc[where.rsplit("/", 1)[1]] = np.mean([selected["val_acc_mean"] for selected in summary.values()])
+            accuracies = [selected["val_acc_mean"] for selected in summary.values()]
+            val_acc[where.rsplit("/", 1)[1]] = sum(accuracies) / len(accuracies)
         return best_block(val_acc, list(val_acc))
 
     def build_cache(self, dataset: Dataset, encoder: Encoder, checkpoint: Path) -> None:
