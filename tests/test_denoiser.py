@@ -265,7 +265,7 @@ def test_a_denoiser_variant_probes_every_block_then_mixes_at_the_block_its_mlp_v
     probe_record(folder / "up.2", "mlp", 0, {0.0: (0.6, 0.6), 0.5: (0.7, 0.6), 1.0: (0.4, 0.4)}, layer="up.2")
     asked = {}
     monkeypatch.setattr(reproduction, "probe",
-                        lambda where, kind, dataset, data, encoder: asked.setdefault(where, data))
+                        lambda where, kind, dataset, data, encoder, block: asked.setdefault(where, data))
     for name in ("chosen-block/transformer", "chosen-block/replicated/transformer", "layers/transformer"):
         stages[f"probe/{run}/g2/{name}"].work()
     chosen, replicated, tokens = (asked[f"{run}/g2/{where}"] for where in ("chosen-block", "chosen-block/replicated",
@@ -274,6 +274,25 @@ def test_a_denoiser_variant_probes_every_block_then_mixes_at_the_block_its_mlp_v
     assert "--data.layer=up.2" in replicated and "--data.replicate_time=0.5" in replicated  # up.2's best t
     assert "--data.layer_tokens=true" in tokens and not any(arg.startswith("--data.layer=") for arg in tokens)
     assert "--data.source=denoiser" in tokens and '--data.blocks=["stem", "up.2"]' in tokens
+
+
+def test_a_mixer_that_read_another_block_than_the_chosen_one_is_probed_again(tmp_path, monkeypatch, capsys):
+    reproduction = Reproduction(denoiser_preset(tmp_path), "smoke", tmp_path / "runs", tmp_path / "results")
+    run = "shapes-score-seed0"
+    stage = next(stage for stage in reproduction.stages() if stage.name == f"probe/{run}/g2/chosen-block/transformer")
+    folder = tmp_path / "results" / "smoke" / "probes" / run / "g2"
+    probe_record(folder / "stem", "mlp", 0, {0.0: (0.6, 0.6)}, layer="stem")
+    probe_record(folder / "up.2", "mlp", 0, {0.0: (0.7, 0.7)}, layer="up.2")
+    ran = []
+    monkeypatch.setattr(reproduction, "_run_stage", lambda subcommand, args: ran.append(args))
+    probe_record(folder / "chosen-block", "transformer", 0, {0.5: (0.6, 0.6)}, layer="up.2")
+    stage.work()
+    assert ran == []  # a record of the chosen block is kept
+    next((folder / "up.2").glob("mlp-*.json")).unlink()  # up.2's MLP probed again, and now stem validates best
+    probe_record(folder / "up.2", "mlp", 0, {0.0: (0.5, 0.5)}, layer="up.2")
+    stage.work()
+    assert "--data.layer=stem" in ran[0] and list((folder / "chosen-block").glob("transformer-*.json")) == []
+    assert "it read block up.2, and block stem is chosen now" in capsys.readouterr().out
 
 
 def test_a_tie_on_validation_goes_to_the_first_block_of_the_backbone_in_the_preset_and_in_the_report(tmp_path):

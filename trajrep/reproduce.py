@@ -431,23 +431,30 @@ class Reproduction:
         unfinished.replace(path)
         return path
 
-    def _probe_done(self, folder: Path, kind: str) -> Path | None:
-        """The valid result file of `kind` in `folder`, if there is one (an invalid one is removed)."""
+    def _probe_done(self, folder: Path, kind: str, block: str | None = None) -> Path | None:
+        """The valid result file of `kind` in `folder`, if there is one. An invalid one is removed, and so is one
+        that read another block than `block`: the MLP that chooses the block was probed again since, and chose
+        another."""
         for path in folder.glob(f"{kind}-*.json"):
             try:
-                read_results(path)
-                return path
+                read = read_results(path)["context"].get("layer")
             except TrajrepError as error:
                 print(f"trajrep: redoing {kind} in {folder}: {error}")
                 path.unlink()
+                continue
+            if block is None or read == block:
+                return path
+            print(f"trajrep: redoing {kind} in {folder}: it read block {read}, and block {block} is chosen now")
+            path.unlink()
         return None
 
     def probe(self, run: str, kind: str, dataset: Dataset, data: list[str], encoder: str | None = None,
-              extra: list[str] = ()) -> Path:
-        """One probe kind's grid on one run's representations (or pixels), unless its results exist; returns its
-        result file. The kNN probe has no training: it runs as `validate`, with the probe options of no kind."""
+              extra: list[str] = (), block: str | None = None) -> Path:
+        """One probe kind's grid on one run's representations (or pixels; `block`: the denoiser block it reads),
+        unless its results exist; returns its result file. The kNN probe has no training: it runs as `validate`,
+        with the probe options of no kind."""
         folder = self.results / "probes" / run
-        done = self._probe_done(folder, kind)
+        done = self._probe_done(folder, kind, block)
         if done is not None:
             return done
         run_dir = self.runs / "probe" / run / kind
@@ -462,7 +469,7 @@ class Reproduction:
                 f"--trainer.default_root_dir={run_dir}", *name, *training, *self.preset.probe_kind_args.get(kind, []),
                 *extra, *self._logger_args(run.replace("/", "-"), kind, run_dir)]
         self._run_stage("fit" if trains else "validate", args)
-        return self._probe_done(folder, kind)
+        return self._probe_done(folder, kind, block)
 
     def probe_grid(self, run: str, probing: Probing, dataset: Dataset, encoder: Encoder,
                    checkpoint: Callable[[], Path]) -> Path:
@@ -482,7 +489,7 @@ class Reproduction:
             where = f"g{probing.grid}" if block is None else f"g{probing.grid}/{block}"
             best_t = next(iter(read_results(self._mlp_record(run, where, probing))["summary"].values()))["time"]
             data.append(f"--data.replicate_time={best_t}")
-        return self.probe(f"{run}/{probing.where}", probing.kind, dataset, data, encoder.name)
+        return self.probe(f"{run}/{probing.where}", probing.kind, dataset, data, encoder.name, block=block)
 
     def _mlp_record(self, run: str, where: str, probing: Probing) -> Path:
         found = self._probe_done(self.results / "probes" / run / where, "mlp")
