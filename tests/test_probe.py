@@ -92,6 +92,26 @@ def test_other_settings_get_their_own_file_and_the_same_settings_are_replaced_on
     assert read_results(first)["records"] and len(list((tmp_path / "results").glob("mean-*.json"))) == 2
 
 
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_a_probe_grid_resumed_from_its_checkpoint_ends_as_a_straight_one(kind, tiny_checkpoint, tmp_path,
+                                                                        shared_cache):
+    """Dropout, the Transformer's time subsets and each probe seed's shuffling go on where they stopped."""
+    def run(folder: pathlib.Path, epochs: int, *resume: str) -> None:
+        args = probe_args(kind, tiny_checkpoint, folder, shared_cache)
+        main([*args, f"--trainer.max_epochs={epochs}", "--trainer.enable_checkpointing=true",
+              "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder / 'checkpoints'}",
+              "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=1", *resume])
+
+    run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    (tmp_path / "resumed" / "results").rename(tmp_path / "after-2-epochs")
+    run(tmp_path / "resumed", 4, f"--ckpt_path={tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt'}")
+    straight, resumed = ([(r["best_epoch"], r["val_acc"], r["test_acc"]) for r in read_results(path)["records"]]
+                         for path in (next((tmp_path / run / "results").glob(f"{kind}-*.json"))
+                                      for run in ("straight", "resumed")))
+    assert resumed == straight and max(epoch for epoch, _, _ in straight) >= 2  # some members improved after the stop
+
+
 def test_result_file_edit_is_detected(tiny_checkpoint, tmp_path, shared_cache):
     main(probe_args("mean", tiny_checkpoint, tmp_path, shared_cache))
     (path,) = (tmp_path / "results").glob("mean-*.json")

@@ -26,6 +26,7 @@ import trajrep.reproduce
 from trajrep.launch import run_inline
 from trajrep.reproduce import Encoder, Reproduction, load_preset
 from trajrep.reproduce import main as reproduce_main
+from trajrep.probe.module import ProbeModule
 from trajrep.probe.records import read_results
 
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
@@ -206,6 +207,32 @@ def test_killed_preset_keeps_finished_records_and_ends_with_the_same_table(smoke
 
     reproduce_in(tmp_path, tmp_path, monkeypatch, preset)  # the rerun, in this process: it starts sooner
     assert {path: path.stat().st_mtime_ns for path in finished} == finished  # kept, not redone
+    assert_records_and_table_as_inline(smoke_run, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_probe_grid_killed_after_an_epoch_resumes_there_and_records_what_a_straight_one_does(
+        smoke_run, tmp_path, monkeypatch):
+    preset, probe_runs = cut_smoke(tmp_path), tmp_path / "runs" / "smoke" / "probe"
+    killed = []
+
+    def killed_after_its_first_epoch(module: ProbeModule) -> None:  # as the second starts: the first's checkpoint
+        if module.current_epoch == 1 and not killed:
+            killed.extend(probe_runs.rglob("last.ckpt"))
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(ProbeModule, "on_train_epoch_start", killed_after_its_first_epoch)
+    with pytest.raises((RuntimeError, SystemExit)):
+        reproduce_in(tmp_path, tmp_path, monkeypatch, preset)
+    assert len(killed) == 1 and not list((tmp_path / "results" / "smoke" / "probes").rglob("*.json"))
+
+    stages = []
+    run_stage = Reproduction._run_stage
+    monkeypatch.setattr(Reproduction, "_run_stage", lambda self, subcommand, args: (stages.append(args),
+                                                                                    run_stage(self, subcommand, args)))
+    reproduce_in(tmp_path, tmp_path, monkeypatch, preset)
+    assert [args for args in stages if f"--ckpt_path={killed[0]}" in args]  # resumed, not started again
+    assert not list(probe_runs.rglob("*.ckpt"))  # removed once their records were written
     assert_records_and_table_as_inline(smoke_run, tmp_path)
 
 

@@ -10,7 +10,8 @@ valid, so a killed run picks up where it stopped:
 - a pretraining run is done once `fit` returned (a DONE marker); otherwise it resumes from its last checkpoint,
   and the probe results built from the earlier checkpoint are removed;
 - caches are content-addressed (RepresentationDataModule reuses a valid one);
-- a probe grid is done when its result file exists and passes its checksum;
+- a probe grid is done when its result file exists and passes its checksum; a killed one resumes from the
+  checkpoint of its last epoch;
 - a pretraining run whose probes are all done is not needed again: a fresh clone, which has the committed records
   but no checkpoints, goes on from the first run with a missing record.
 Two controls come with every preset: the same probes on an untrained encoder of each variant, and the MLP on raw
@@ -41,7 +42,7 @@ from trajrep.launch import (LAUNCHERS, Resources, Stage, check_launch, print_gra
 from trajrep.pretrain.module import calibrate_untrained, randomize_untrained_score_net
 from trajrep.analysis.report import report
 from trajrep.probe.kinds import KINDS, kind_of, single_time_kinds
-from trajrep.probe.records import read_results
+from trajrep.probe.records import read_results, settings_digest
 from trajrep.probe.selection import best_block
 from trajrep.threads import available_cpus
 from trajrep.timegrid import granularity_times
@@ -468,8 +469,21 @@ class Reproduction:
                 f"--model.results_dir={folder}",
                 f"--trainer.default_root_dir={run_dir}", *name, *training, *self.preset.probe_kind_args.get(kind, []),
                 *extra, *self._logger_args(run.replace("/", "-"), kind, run_dir)]
-        self._run_stage("fit" if trains else "validate", args)
-        return self._probe_done(folder, kind, block)
+        if not trains:
+            self._run_stage("validate", args)
+            return self._probe_done(folder, kind, block)
+        # A checkpoint every epoch, in a folder of these settings: a killed grid resumes (as a straight one would
+        # go on), and one of other settings never does.
+        checkpoints = run_dir / "checkpoints" / settings_digest({"args": args})
+        last = checkpoints / "last.ckpt"
+        resume = [f"--ckpt_path={last}"] if last.exists() else []
+        self._run_stage("fit", [*args, "--trainer.enable_checkpointing=true", "--trainer.callbacks+=ModelCheckpoint",
+                                f"--trainer.callbacks.dirpath={checkpoints}", "--trainer.callbacks.save_last=true",
+                                "--trainer.callbacks.save_top_k=1", *resume])
+        done = self._probe_done(folder, kind, block)
+        if done is not None:  # the record holds what the checkpoint was kept for
+            shutil.rmtree(checkpoints)
+        return done
 
     def probe_grid(self, run: str, probing: Probing, dataset: Dataset, encoder: Encoder,
                    checkpoint: Callable[[], Path]) -> Path:

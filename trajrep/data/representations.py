@@ -4,7 +4,7 @@ checkpoint files, and never builds a model (the extraction stage builds a missin
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -72,6 +72,8 @@ class ProbeData(pl.LightningDataModule):
                                **({} if replicate_time is None else {"replicated_time": replicate_time})}
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._given: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._batches: SeededBatches | None = None
+        self._resumed_shuffles: list[torch.Tensor] = []  # from a checkpoint: the generators' states to go on from
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], times: list[float],
@@ -142,7 +144,20 @@ class ProbeData(pl.LightningDataModule):
         return DataLoader(TensorDataset(*self.tensors(stage)), batch_size=self.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(SeededBatches(*self.tensors("train"), self.seeds, self.batch_size), batch_size=None)
+        self._batches = SeededBatches(*self.tensors("train"), self.seeds, self.batch_size)
+        for generator, state in zip(self._batches.generators, self._resumed_shuffles):
+            generator.set_state(state)
+        return DataLoader(self._batches, batch_size=None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where each probe seed's shuffling stands, so that a grid resumed from a checkpoint sees the batches of a
+        straight one."""
+        if self._batches is None:
+            return {}
+        return {"shuffles": [generator.get_state() for generator in self._batches.generators]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed_shuffles = state_dict.get("shuffles", [])
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader("val"), self._eval_loader("test")]

@@ -308,12 +308,22 @@ class ProbeModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["probe_history"] = {"val": self.val_history, "test": self.test_history,
                                        "diverged": self.diverged.tolist()}
+        # The streams of dropout and of the mixers' time subsets: a resumed grid trains as a straight one.
+        checkpoint["rng_state"] = {"cpu": torch.get_rng_state(), "time_subsets": self._subset_generator.get_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_history = checkpoint["probe_history"]["val"]
         self.test_history = checkpoint["probe_history"]["test"]
         if "diverged" in checkpoint["probe_history"]:
             self.diverged = torch.tensor(checkpoint["probe_history"]["diverged"], device=self.diverged.device)
+        state = checkpoint.get("rng_state")
+        if state is not None:
+            torch.set_rng_state(state["cpu"])
+            self._subset_generator.set_state(state["time_subsets"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda"])
 
     def member_records(self) -> list[dict]:
         """One record per member: its configuration, best validation epoch, and accuracies at that epoch."""
