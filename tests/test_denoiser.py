@@ -20,6 +20,7 @@ from trajrep.errors import TrajrepError
 from trajrep.extract import build_cache, load_pretrained_model
 from trajrep.analysis.collect import collect, table_rows
 from trajrep.analysis.report import report
+from trajrep.launch import run_inline
 from trajrep.reproduce import Preset, Reproduction, check_preset, load_preset
 from trajrep.reproduce import main as reproduce_main
 from trajrep.probe.records import read_results, write_results
@@ -286,11 +287,12 @@ def test_a_mixer_that_read_another_block_than_the_chosen_one_is_probed_again(tmp
     ran = []
     monkeypatch.setattr(reproduction, "_run_stage", lambda subcommand, args: ran.append(args))
     probe_record(folder / "chosen-block", "transformer", 0, {0.5: (0.6, 0.6)}, layer="up.2")
-    stage.work()
-    assert ran == []  # a record of the chosen block is kept
+    assert stage.done()  # a record of the chosen block is kept
     next((folder / "up.2").glob("mlp-*.json")).unlink()  # up.2's MLP probed again, and now stem validates best
+    assert not stage.done()
     probe_record(folder / "up.2", "mlp", 0, {0.0: (0.5, 0.5)}, layer="up.2")
-    stage.work()
+    assert not stage.done()
+    run_inline([stage])
     assert "--data.layer=stem" in ran[0] and list((folder / "chosen-block").glob("transformer-*.json")) == []
     assert "it read block up.2, and block stem is chosen now" in capsys.readouterr().out
 

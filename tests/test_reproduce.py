@@ -236,6 +236,22 @@ def test_a_probe_grid_killed_after_an_epoch_resumes_there_and_records_what_a_str
     assert_records_and_table_as_inline(smoke_run, tmp_path)
 
 
+def test_a_run_pretrained_again_loses_its_probe_records_and_the_checkpoints_of_its_killed_probes(tmp_path,
+                                                                                                  monkeypatch):
+    preset = load_preset(cut_smoke(tmp_path), check=False)
+    reproduction = Reproduction(preset, "smoke", tmp_path / "runs", tmp_path / "results")
+    run = "shapes-reg-drl-seed1"
+    record = tmp_path / "results" / "smoke" / "probes" / run / "g2" / "mlp-old.json"
+    killed = tmp_path / "runs" / "smoke" / "probe" / run / "g2" / "concat" / "checkpoints" / "digest" / "last.ckpt"
+    for path in (record, killed):
+        path.parent.mkdir(parents=True)
+        path.touch()
+    (tmp_path / "runs" / "smoke" / run).mkdir()  # where the (here skipped) fit would write
+    monkeypatch.setattr(reproduction, "_run_stage", lambda subcommand, args: None)
+    reproduction.pretrain(preset.datasets[0], preset.encoders[0], 1)
+    assert not record.exists() and not killed.exists()  # neither read the weights about to be trained
+
+
 @pytest.mark.slow
 def test_local_launcher_runs_two_stages_at_once_goes_on_after_a_killed_job_and_records_what_inline_does(
         smoke_run, tmp_path, monkeypatch, capsys):

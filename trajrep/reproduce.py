@@ -301,6 +301,9 @@ class Reproduction:
             return last
         stale = [folder for folder in [self.results / "probes" / run, *(self.results / "probes").glob(f"{run}-step*")]
                  if folder.exists()]
+        # The checkpoints of killed probe grids read the earlier weights' representations: never resumed now.
+        stale += [folder for folder in [self.runs / "probe" / run, *(self.runs / "probe").glob(f"{run}-step*")]
+                  if folder.exists()]
         if stale:  # built from an older checkpoint (or one another checkout trained), not the one about to be
             records = sum(len(list(folder.rglob("*.json"))) for folder in stale)
             print(f"trajrep: {run} is pretrained again, so its {records} earlier probe records are removed "
@@ -379,7 +382,8 @@ class Reproduction:
             folder = self.results / "probes" / run / probing.where
             stages.append(Stage(f"probe/{run}/{probing.where}/{probing.kind}",
                                 [cache.name, *(f"probe/{run}/{need}/mlp" for need in probing.needs)],
-                                partial(_has_record, folder, probing.kind),
+                                partial(self._chosen_block_recorded, run, probing, folder)
+                                if probing.block == CHOSEN_BLOCK else partial(_has_record, folder, probing.kind),
                                 partial(self.probe_grid, run, probing, dataset, encoder, checkpoint)))
         return stages
 
@@ -511,6 +515,15 @@ class Reproduction:
             raise TrajrepError(f"the {probing.kind} probe of {run} ({probing.where}) reads the mlp probe's record in "
                                f"{where}, and there is no valid one; run the mlp probe first")
         return found
+
+    def _chosen_block_recorded(self, run: str, probing: Probing, folder: Path) -> bool:
+        """Whether `folder` holds a valid record of the block the MLPs choose now (not done while an MLP record is
+        missing, or when they were probed again and chose another block)."""
+        if not all(_has_record(self.results / "probes" / run / where, "mlp") for where in probing.needs):
+            return False
+        block = self.chosen_block(run, probing)
+        return any(_is_valid_record(path) and read_results(path)["context"].get("layer") == block
+                   for path in folder.glob(f"{probing.kind}-*.json"))
 
     def chosen_block(self, run: str, probing: Probing) -> str:
         """The block whose MLP has the best validation accuracy (at its best t, mean over tasks: the mixers read
