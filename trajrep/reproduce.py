@@ -251,13 +251,14 @@ def preset_path(preset: str) -> Path:
     return shipped if not path.exists() and not path.suffix and shipped.is_file() else path
 
 
-def _is_valid_record(path: Path) -> bool:
-    """Whether a result file reads and passes its checksum (leaving it in place either way)."""
+def _is_valid_record(path: Path, block: str | None = None) -> bool:
+    """Whether a result file reads, passes its checksum and (given `block`) read that denoiser block, leaving it in
+    place either way."""
     try:
-        read_results(path)
+        context = read_results(path)["context"]
     except TrajrepError:
         return False
-    return True
+    return block is None or context.get("layer") == block
 
 
 class Reproduction:
@@ -299,16 +300,15 @@ class Reproduction:
         last = run_dir / "checkpoints" / "last.ckpt"
         if done.exists() and last.exists():
             return last
-        stale = [folder for folder in [self.results / "probes" / run, *(self.results / "probes").glob(f"{run}-step*")]
-                 if folder.exists()]
-        # The checkpoints of killed probe grids read the earlier weights' representations: never resumed now.
-        stale += [folder for folder in [self.runs / "probe" / run, *(self.runs / "probe").glob(f"{run}-step*")]
-                  if folder.exists()]
-        if stale:  # built from an older checkpoint (or one another checkout trained), not the one about to be
-            records = sum(len(list(folder.rglob("*.json"))) for folder in stale)
-            print(f"trajrep: {run} is pretrained again, so its {records} earlier probe records are removed "
-                  f"({', '.join(map(str, stale))})", flush=True)
-        for folder in stale:
+        # Built from an older checkpoint (or one another checkout trained), not the one about to be: the records,
+        # and the probe runs, whose checkpoints (of killed grids) must not be resumed on the new representations.
+        records, probe_runs = ([folder for folder in [root / run, *root.glob(f"{run}-step*")] if folder.exists()]
+                               for root in (self.results / "probes", self.runs / "probe"))
+        if records:
+            count = sum(len(list(folder.rglob("*.json"))) for folder in records)
+            print(f"trajrep: {run} is pretrained again, so its {count} earlier probe records are removed "
+                  f"({', '.join(map(str, records))})", flush=True)
+        for folder in records + probe_runs:
             shutil.rmtree(folder)
         resume = ["--ckpt_path", str(last)] if last.exists() else []
         self._run_stage("fit", [*self._pretrain_args(dataset, encoder, seed, run_dir),
@@ -521,9 +521,7 @@ class Reproduction:
         missing, or when they were probed again and chose another block)."""
         if not all(_has_record(self.results / "probes" / run / where, "mlp") for where in probing.needs):
             return False
-        block = self.chosen_block(run, probing)
-        return any(_is_valid_record(path) and read_results(path)["context"].get("layer") == block
-                   for path in folder.glob(f"{probing.kind}-*.json"))
+        return _has_record(folder, probing.kind, self.chosen_block(run, probing))
 
     def chosen_block(self, run: str, probing: Probing) -> str:
         """The block whose MLP has the best validation accuracy (at its best t, mean over tasks: the mixers read
@@ -566,9 +564,9 @@ class Reproduction:
         return found[0]
 
 
-def _has_record(folder: Path, kind: str) -> bool:
-    """Whether `folder` holds a valid result file of `kind` (only reads)."""
-    return any(_is_valid_record(path) for path in folder.glob(f"{kind}-*.json"))
+def _has_record(folder: Path, kind: str, block: str | None = None) -> bool:
+    """Whether `folder` holds a valid result file of `kind` (of `block`, given one; only reads)."""
+    return any(_is_valid_record(path, block) for path in folder.glob(f"{kind}-*.json"))
 
 
 def run_stage(preset: Preset, name: str, runs: str, results: str, stage: str) -> None:
