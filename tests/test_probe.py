@@ -1,7 +1,9 @@
 """ProbeModule and the selection protocol on a real (tiny) cache, through the CLI."""
 
 import json
+import logging
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -92,22 +94,29 @@ def test_other_settings_get_their_own_file_and_the_same_settings_are_replaced_on
     assert read_results(first)["records"] and len(list((tmp_path / "results").glob("mean-*.json"))) == 2
 
 
-def test_a_probe_grid_resumed_from_its_checkpoint_ends_as_a_straight_one(tiny_checkpoint, tmp_path, shared_cache):
+def test_a_probe_grid_resumed_from_its_checkpoint_ends_as_a_straight_one(tiny_checkpoint, tmp_path, shared_cache,
+                                                                         caplog):
     """Dropout, the continuous head's time subsets and each probe seed's shuffling go on where they stopped."""
     kind = "continuous"
-    def run(folder: pathlib.Path, epochs: int, *resume: str) -> None:
+    def run(folder: pathlib.Path, epochs: int, *resume: str) -> int:
+        """The number of steps this process trained (ProgressLog's summary line)."""
         args = probe_args(kind, tiny_checkpoint, folder, shared_cache)
-        main([*args, f"--trainer.max_epochs={epochs}", "--trainer.enable_checkpointing=true",
-              "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder / 'checkpoints'}",
-              "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=1", *resume])
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            main([*args, f"--trainer.max_epochs={epochs}", "--trainer.enable_checkpointing=true",
+                  "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder / 'checkpoints'}",
+                  "--trainer.callbacks.save_last=link", "--trainer.callbacks.save_top_k=1", *resume])
+        (steps,) = re.findall(r"ProbeModule fit done: (\d+) steps", caplog.text)
+        return int(steps)
 
-    run(tmp_path / "straight", 4)
+    straight_steps = run(tmp_path / "straight", 4)
     run(tmp_path / "resumed", 2)
     (tmp_path / "resumed" / "results").rename(tmp_path / "after-2-epochs")
-    run(tmp_path / "resumed", 4, f"--ckpt_path={tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt'}")
+    resumed_steps = run(tmp_path / "resumed", 4, f"--ckpt_path={tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt'}")
     straight, resumed = ([(r["best_epoch"], r["val_acc"], r["test_acc"]) for r in read_results(path)["records"]]
                          for path in (next((tmp_path / run / "results").glob(f"{kind}-*.json"))
                                       for run in ("straight", "resumed")))
+    assert resumed_steps == straight_steps // 2  # it went on at epoch 2, not from the start
     assert resumed == straight and max(epoch for epoch, _, _ in straight) >= 2  # some members improved after the stop
 
 

@@ -225,6 +225,9 @@ def test_a_probe_grid_killed_after_an_epoch_resumes_there_and_records_what_a_str
     with pytest.raises((RuntimeError, SystemExit)):
         reproduce_in(tmp_path, tmp_path, monkeypatch, preset)
     assert len(killed) == 1 and not list((tmp_path / "results" / "smoke" / "probes").rglob("*.json"))
+    stale = killed[0].parent.parent / "digest-of-other-settings" / "last.ckpt"  # e.g. from an earlier preset file
+    stale.parent.mkdir()
+    stale.touch()
 
     stages = []
     run_stage = Reproduction._run_stage
@@ -232,7 +235,7 @@ def test_a_probe_grid_killed_after_an_epoch_resumes_there_and_records_what_a_str
                                                                                     run_stage(self, subcommand, args)))
     reproduce_in(tmp_path, tmp_path, monkeypatch, preset)
     assert [args for args in stages if f"--ckpt_path={killed[0]}" in args]  # resumed, not started again
-    assert not list(probe_runs.rglob("*.ckpt"))  # removed once their records were written
+    assert not list(probe_runs.rglob("*.ckpt"))  # removed once their records were written, the stale one at the start
     assert_records_and_table_as_inline(smoke_run, tmp_path)
 
 
