@@ -11,8 +11,9 @@ from trajrep.data.representations import ProbeData
 from trajrep.probe.knn import knn_predict
 from trajrep.nn.probes import LinearHead
 from trajrep.pretrain.online_probe import between_image_fraction
+from trajrep.analysis.collect import collect, table_rows
 from trajrep.analysis.report import report
-from trajrep.probe.records import read_results
+from trajrep.probe.records import read_results, write_results
 from trajrep.probe.selection import summarise
 
 
@@ -132,6 +133,27 @@ def test_report_warns_under_the_table_when_probes_did_not_converge(tmp_path, tin
     table = (report(tmp_path / "results", tmp_path / "report") / "table.md").read_text()
     assert "Warning: not converged" in table and "linear, best t (lr at the grid's edge in 1/1 seeds)" in table
     assert "| linear, best t |" in table and "| GRU |" not in table  # columns no probe filled are left out
+
+
+def test_a_replicated_control_counts_only_for_the_task_whose_best_t_it_repeats(tmp_path):
+    """Multi-task data: the control repeats the first task's best t (0) for both tasks; the second peaks at t = 1."""
+    context = {"dataset": "two-tasks", "encoder_mode": "reg-drl", "latent_dim": 8, "pretrain_seed": 0,
+               "pretrain_steps": 10, "times": [0.0, 1.0], "linear_cka": [[1.0, 0.5], [0.5, 1.0]]}
+    best_time = {"first": 0.0, "second": 1.0}
+    mlp = [{"task": task, "time": time, "lr": 1e-3, "seed": 0, "best_epoch": 1, "val_acc": 0.9 - abs(time - best),
+            "test_acc": 0.8 - abs(time - best)} for task, best in best_time.items() for time in (0.0, 1.0)]
+    mixed = [{"task": task, "time": None, "lr": 1e-3, "seed": 0, "best_epoch": 1, "val_acc": 0.9, "test_acc": 0.85}
+             for task in best_time]
+    write_results(tmp_path / "probes", mlp, summarise(mlp, epochs=3), {**context, "probe": "mlp"})
+    write_results(tmp_path / "probes", mixed, summarise(mixed, epochs=3),
+                  {**context, "probe": "transformer", "replicated_time": 0.0})
+    rows = {row["task"]: row for row in table_rows(collect(tmp_path / "probes"))}
+    assert rows["first"]["transformer-replicated"][0] == pytest.approx(0.85) and not rows["first"]["left_out"]
+    assert rows["second"]["transformer-replicated"] is None
+    assert rows["second"]["left_out"] == {"transformer-replicated": 1}
+    table = (report(tmp_path / "probes", tmp_path / "report") / "table.md").read_text()
+    assert "Left out: replicated controls of another task's best t" in table
+    assert "two-tasks / reg-drl / 8 / 10 / t=0,1 / second: Transformer, best t replicated (1 seed)" in table
 
 
 def test_calibrated_untrained_control_has_features_that_vary_between_images():

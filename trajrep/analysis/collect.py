@@ -119,6 +119,9 @@ class Collected:
         self.chosen: dict[tuple, dict] = defaultdict(dict)  # the MLP's (block, t) per pretraining seed
         self.layer_grid: dict[tuple, dict[tuple[str, float], dict]] = defaultdict(lambda: defaultdict(dict))
         self.blocks: dict[tuple, list[str]] = {}
+        self.best_time: dict[tuple, dict] = defaultdict(dict)  # the MLP's selected t per pretraining seed
+        self.replicated_time: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
+        self.left_out: dict[tuple, Counter] = defaultdict(Counter)  # replicated cells of another task's best t
         self.revisions: Counter = Counter()  # result files per code revision that wrote them
 
     def add(self, results: dict, path: Path) -> None:
@@ -133,7 +136,10 @@ class Collected:
             if "linear_cka" in context:
                 self.cka[row][seed] = mean_off_diagonal(torch.tensor(context["linear_cka"]))
             if probe == "mlp":
+                self.best_time[row][seed] = selected.get("time")
                 self._add_per_time(row, seed, selected)
+            if context.get("replicated_time") is not None:
+                self.replicated_time[row][probe][seed] = context["replicated_time"]
             if probe == "transformer":
                 chosen = [r for r in results["records"] if r["task"] == task and r["lr"] == selected["lr"]]
                 self._add_attention(row, seed, chosen, context["times"])
@@ -187,7 +193,23 @@ class Collected:
                     self._add_cell(row, probe, seed, selected, f"the {probe} records of the blocks of {row[1]}")
                     if probe == "mlp":  # the row's accuracy over t: the chosen block's
                         self.chosen[row][seed] = (layer, selected["time"])
+                        self.best_time[row][seed] = selected["time"]
                         self._add_per_time(row, seed, selected)
+
+    def drop_other_tasks_replicas(self) -> None:
+        """A replicated control repeats one task's best t (a preset's, the first task's) for every task of the
+        data; on a task whose own best t (the MLP's, same pretraining seed) is another, it is no capacity control
+        of that task's best t, so its cell is left out (and counted in `left_out`)."""
+        for row, by_probe in self.replicated_time.items():
+            for probe, by_seed in by_probe.items():
+                for seed, time in by_seed.items():
+                    best = self.best_time.get(row, {}).get(seed)
+                    if best is not None and not math.isclose(best, time, abs_tol=1e-9):
+                        del self.cells[row][probe][seed]
+                        del self.convergence[row][probe][seed]
+                        self.left_out[row][probe] += 1
+                if not self.cells[row][probe]:
+                    del self.cells[row][probe], self.convergence[row][probe]
 
     def _add_attention(self, row: tuple, seed, chosen: list[dict], times: list[float]) -> None:
         """The selected Transformer members' attention (overall, per class) and masking, mean over probe seeds."""
@@ -227,6 +249,7 @@ def collect(results_dir: str | Path) -> Collected:
     for path in sorted(Path(results_dir).rglob("*.json")):
         collected.add(read_results(path), path)
     collected.choose_layers()
+    collected.drop_other_tasks_replicas()
     return collected
 
 
@@ -262,6 +285,7 @@ def table_rows(collected: Collected) -> list[dict]:
                                                [cells[baseline][s] for s in seeds]) if seeds else None
         entry["chosen"] = chosen_label(collected.chosen.get(row, {}))
         entry["warnings"] = convergence_warnings(collected.convergence.get(row, {}))
+        entry["left_out"] = dict(collected.left_out.get(row, {}))
         rows.append(entry)
     return rows
 

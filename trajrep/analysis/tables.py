@@ -67,6 +67,12 @@ def write_tables(rows: list[dict], out: Path, revisions: Counter) -> None:
     if warnings:
         lines += ["", "Warning: not converged, so these cells are not yet results (train longer, or widen the lr "
                   "grid):", *warnings]
+    left_out = [f"- {' / '.join(str(row[f]) for f in ROW_FIELDS)}: "
+                + ", ".join(f"{columns()[probe]} ({count} seed{'s' if count > 1 else ''})"
+                            for probe, count in row["left_out"].items()) for row in rows if row["left_out"]]
+    if left_out:
+        lines += ["", "Left out: replicated controls of another task's best t (the preset replicates one task's "
+                  "best t for all; these rows' own best t differs), so they control nothing here:", *left_out]
     (out / "table.md").write_text("\n".join([note, "", revision_note(revisions), "", *lines]) + "\n")
     with open(out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
