@@ -239,20 +239,31 @@ def test_a_probe_grid_killed_after_an_epoch_resumes_there_and_records_what_a_str
     assert_records_and_table_as_inline(smoke_run, tmp_path)
 
 
-def test_a_run_pretrained_again_loses_its_probe_records_and_the_checkpoints_of_its_killed_probes(tmp_path,
-                                                                                                  monkeypatch):
-    preset = load_preset(cut_smoke(tmp_path), check=False)
-    reproduction = Reproduction(preset, "smoke", tmp_path / "runs", tmp_path / "results")
+def test_a_run_to_pretrain_again_while_it_has_records_stops_the_preset_before_any_stage_and_removes_nothing(
+        tmp_path, monkeypatch, capsys):
+    """Its checkpoint gone and a probe missing (a fresh clone of a preset that gained a kind): new weights would not
+    match the records. Once the records are removed, pretraining goes on and drops its killed probes' checkpoints."""
+    preset_path = cut_smoke(tmp_path)
     run = "shapes-reg-drl-seed1"
-    record = tmp_path / "results" / "smoke" / "probes" / run / "g2" / "mlp-old.json"
-    killed = tmp_path / "runs" / "smoke" / "probe" / run / "g2" / "concat" / "checkpoints" / "digest" / "last.ckpt"
+    record = tmp_path / "results" / "smoke" / "probes" / run / "g2" / "linear-old.json"
+    killed = tmp_path / "runs" / "smoke" / "probe" / run / "g2" / "mlp" / "checkpoints" / "digest" / "last.ckpt"
     for path in (record, killed):
         path.parent.mkdir(parents=True)
         path.touch()
-    (tmp_path / "runs" / "smoke" / run).mkdir()  # where the (here skipped) fit would write
+    no_stage_runs(monkeypatch)
+    with pytest.raises(SystemExit):
+        reproduce_in(tmp_path, tmp_path, monkeypatch, preset_path)
+    message = capsys.readouterr().err
+    assert f"{run} would be pretrained again" in message and f"rm -r {record.parent.parent}" in message
+    assert record.exists() and killed.exists()
+
+    preset = load_preset(preset_path, check=False)
+    reproduction = Reproduction(preset, "smoke", tmp_path / "runs", tmp_path / "results")
     monkeypatch.setattr(reproduction, "_run_stage", lambda subcommand, args: None)
+    shutil.rmtree(record.parent.parent)
+    (tmp_path / "runs" / "smoke" / run).mkdir()  # where the (here skipped) fit would write
     reproduction.pretrain(preset.datasets[0], preset.encoders[0], 1)
-    assert not record.exists() and not killed.exists()  # neither read the weights about to be trained
+    assert not killed.exists()  # it read the weights about to be trained
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ the images its probes read), the encoder variants, the pretraining seeds, the ti
 The preset becomes a graph of stages (`Reproduction.stages`), and a stage is skipped when its output exists and is
 valid, so a killed run picks up where it stopped:
 - a pretraining run is done once `fit` returned (a DONE marker); otherwise it resumes from its last checkpoint,
-  and the probe results built from the earlier checkpoint are removed;
+  unless results/ holds records of the run (its checkpoint gone, say): then nothing starts, since new weights would
+  not match them, and the message says which folders to remove to redo the run;
 - caches are content-addressed (RepresentationDataModule reuses a valid one);
 - a probe grid is done when its result file exists and passes its checksum; a killed one resumes from the
   checkpoint of its last epoch;
@@ -300,21 +301,44 @@ class Reproduction:
         last = run_dir / "checkpoints" / "last.ckpt"
         if done.exists() and last.exists():
             return last
-        # Built from an older checkpoint (or one another checkout trained), not the one about to be: the records,
-        # and the probe runs, whose checkpoints (of killed grids) must not be resumed on the new representations.
-        records, probe_runs = ([folder for folder in [root / run, *root.glob(f"{run}-step*")] if folder.exists()]
-                               for root in (self.results / "probes", self.runs / "probe"))
-        if records:
-            count = sum(len(list(folder.rglob("*.json"))) for folder in records)
-            print(f"trajrep: {run} is pretrained again, so its {count} earlier probe records are removed "
-                  f"({', '.join(map(str, records))})", flush=True)
-        for folder in records + probe_runs:
+        self.refuse_losing_records(run)
+        # Killed probe grids of earlier weights: their checkpoints must not be resumed on the new representations.
+        for folder in self._run_folders(self.runs / "probe", run):
             shutil.rmtree(folder)
         resume = ["--ckpt_path", str(last)] if last.exists() else []
         self._run_stage("fit", [*self._pretrain_args(dataset, encoder, seed, run_dir),
                                 *self._logger_args(run, "pretrain", run_dir), *resume])
         done.write_text("fit returned\n")
         return last
+
+    @staticmethod
+    def _run_folders(root: Path, run: str) -> list[Path]:
+        """A run's folders under `root`: its own and those of its `probe_steps` checkpoints."""
+        return [folder for folder in [root / run, *root.glob(f"{run}-step*")] if folder.exists()]
+
+    def refuse_losing_records(self, run: str) -> None:
+        """Stop before pretraining `run` again while results/ holds its records (a fresh clone of a preset that
+        gained a probe kind, or a deleted checkpoint): the new weights would not be the ones they read, and a row
+        mixes no two encoders. Removing them here would silently throw away hours of committed probes."""
+        records = [folder for folder in self._run_folders(self.results / "probes", run) if any(folder.rglob("*.json"))]
+        if not records:
+            return
+        run_dir = self.runs / run
+        why = (f"its checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} is missing"
+               if not (run_dir / "checkpoints" / "last.ckpt").exists() else f"its pretraining did not finish (no "
+               f"{run_dir / 'DONE'})")
+        count = sum(len(list(folder.rglob("*.json"))) for folder in records)
+        folders = " ".join(map(str, records))
+        raise TrajrepError(f"{run} would be pretrained again, as a probe it needs is not recorded and {why}; but "
+                           f"results hold {count} probe records of it, which new weights would not match. To redo the "
+                           f"run, remove them (rm -r {folders}); to keep them, restore the run's checkpoint folder "
+                           "and DONE, or drop the missing probes from the preset")
+
+    def check_no_records_lost(self, stages: list[Stage]) -> None:
+        """Before any stage starts: `refuse_losing_records` for every run the stages would pretrain."""
+        for stage in stages:
+            if stage.kind == "pretrain" and not stage.done():
+                self.refuse_losing_records(stage.name.split("/", 1)[1])
 
     @staticmethod
     def at_step(last: Path, step: int) -> Path:
@@ -618,6 +642,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> None:
                 ensure_wandb_ready()
             for path, what in ((options.runs, "--runs"), (options.results, "--results")):
                 ensure_writable(path, what)
+            reproduction.check_no_records_lost(stages)
             _launch(reproduction, stages, options, resources)
 
 
