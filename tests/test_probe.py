@@ -105,7 +105,7 @@ def test_a_probe_grid_resumed_from_its_checkpoint_ends_as_a_straight_one(tiny_ch
         with caplog.at_level(logging.INFO):
             main([*args, f"--trainer.max_epochs={epochs}", "--trainer.enable_checkpointing=true",
                   "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={folder / 'checkpoints'}",
-                  "--trainer.callbacks.save_last=link", "--trainer.callbacks.save_top_k=1", *resume])
+                  "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=1", *resume])
         (steps,) = re.findall(r"ProbeModule fit done: (\d+) steps", caplog.text)
         return int(steps)
 

@@ -152,7 +152,7 @@ def test_a_replicated_control_counts_only_for_the_task_whose_best_t_it_repeats(t
     assert rows["second"]["transformer-replicated"] is None
     assert rows["second"]["left_out"] == {"transformer-replicated": 1}
     table = (report(tmp_path / "probes", tmp_path / "report") / "table.md").read_text()
-    assert "Left out: replicated controls of another task's best t" in table
+    assert "Left out: replicated controls of a t that is not the row's best t" in table
     assert "two-tasks / reg-drl / 8 / 10 / t=0,1 / second: Transformer, best t replicated (1 seed)" in table
 
 

@@ -500,16 +500,17 @@ class Reproduction:
         if not trains:
             self._run_stage("validate", args)
             return self._probe_done(folder, kind, block)
-        # A checkpoint every epoch (last.ckpt a link to it), in a folder of these settings: a killed grid resumes (as
-        # a straight one would go on), and one of other settings never does, nor keeps its folder.
+        # A checkpoint every epoch, in a folder of these settings: a killed grid resumes (as a straight one would go
+        # on), and one of other settings never does, nor keeps its folder. last.ckpt is a file, not a link: Lightning
+        # removes the epoch's file before it moves a link, and a kill between the two would lose the grid.
         checkpoints = run_dir / "checkpoints" / settings_digest({"args": args})
         for other in run_dir.glob("checkpoints/*"):
             if other != checkpoints:
-                shutil.rmtree(other)
+                shutil.rmtree(other) if other.is_dir() else other.unlink()
         last = checkpoints / "last.ckpt"
         resume = [f"--ckpt_path={last}"] if last.exists() else []
         self._run_stage("fit", [*args, "--trainer.enable_checkpointing=true", "--trainer.callbacks+=ModelCheckpoint",
-                                f"--trainer.callbacks.dirpath={checkpoints}", "--trainer.callbacks.save_last=link",
+                                f"--trainer.callbacks.dirpath={checkpoints}", "--trainer.callbacks.save_last=true",
                                 "--trainer.callbacks.save_top_k=1", *resume])
         done = self._probe_done(folder, kind, block)
         if done is not None:  # the record holds what the checkpoint was kept for

@@ -119,7 +119,9 @@ class Collected:
         self.chosen: dict[tuple, dict] = defaultdict(dict)  # the MLP's (block, t) per pretraining seed
         self.layer_grid: dict[tuple, dict[tuple[str, float], dict]] = defaultdict(lambda: defaultdict(dict))
         self.blocks: dict[tuple, list[str]] = {}
-        self.best_time: dict[tuple, dict] = defaultdict(dict)  # the MLP's selected t per pretraining seed
+        # the MLP's selected t per (row, block of denoiser features or None) and pretraining seed; the replicated
+        # controls' (t, block) per row, probe and seed
+        self.best_time: dict[tuple, dict] = defaultdict(dict)
         self.replicated_time: dict[tuple, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
         self.left_out: dict[tuple, Counter] = defaultdict(Counter)  # replicated cells of another task's best t
         self.revisions: Counter = Counter()  # result files per code revision that wrote them
@@ -136,10 +138,11 @@ class Collected:
             if "linear_cka" in context:
                 self.cka[row][seed] = mean_off_diagonal(torch.tensor(context["linear_cka"]))
             if probe == "mlp":
-                self.best_time[row][seed] = selected.get("time")
+                self.best_time[(self._row(context, task, per_layer=False), context.get("layer"))][seed] = \
+                    selected.get("time")
                 self._add_per_time(row, seed, selected)
             if context.get("replicated_time") is not None:
-                self.replicated_time[row][probe][seed] = context["replicated_time"]
+                self.replicated_time[row][probe][seed] = (context["replicated_time"], context.get("layer"))
             if probe == "transformer":
                 chosen = [r for r in results["records"] if r["task"] == task and r["lr"] == selected["lr"]]
                 self._add_attention(row, seed, chosen, context["times"])
@@ -193,17 +196,16 @@ class Collected:
                     self._add_cell(row, probe, seed, selected, f"the {probe} records of the blocks of {row[1]}")
                     if probe == "mlp":  # the row's accuracy over t: the chosen block's
                         self.chosen[row][seed] = (layer, selected["time"])
-                        self.best_time[row][seed] = selected["time"]
                         self._add_per_time(row, seed, selected)
 
     def drop_other_tasks_replicas(self) -> None:
         """A replicated control repeats one task's best t (a preset's, the first task's) for every task of the
-        data; on a task whose own best t (the MLP's, same pretraining seed) is another, it is no capacity control
-        of that task's best t, so its cell is left out (and counted in `left_out`)."""
+        data; on a task whose own best t (the MLP's, same pretraining seed and block) is another, it is no capacity
+        control of that task's best t, so its cell is left out (and counted in `left_out`)."""
         for row, by_probe in self.replicated_time.items():
             for probe, by_seed in by_probe.items():
-                for seed, time in by_seed.items():
-                    best = self.best_time.get(row, {}).get(seed)
+                for seed, (time, layer) in by_seed.items():
+                    best = self.best_time.get((row, layer), {}).get(seed)
                     if best is not None and not math.isclose(best, time, abs_tol=1e-9):
                         del self.cells[row][probe][seed]
                         del self.convergence[row][probe][seed]

@@ -71,8 +71,9 @@ def write_tables(rows: list[dict], out: Path, revisions: Counter) -> None:
                 + ", ".join(f"{columns()[probe]} ({count} seed{'s' if count > 1 else ''})"
                             for probe, count in row["left_out"].items()) for row in rows if row["left_out"]]
     if left_out:
-        lines += ["", "Left out: replicated controls of another task's best t (the preset replicates one task's "
-                  "best t for all; these rows' own best t differs), so they control nothing here:", *left_out]
+        lines += ["", "Left out: replicated controls of a t that is not the row's best t (a preset replicates its "
+                  "first task's best t for every task; or the MLP record was redone since), so they control "
+                  "nothing here:", *left_out]
     (out / "table.md").write_text("\n".join([note, "", revision_note(revisions), "", *lines]) + "\n")
     with open(out / "table.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
