@@ -208,6 +208,20 @@ def test_the_table_names_the_code_revision_of_its_records_and_warns_when_they_mi
             "file).") in (tmp_path / "table.md").read_text()
 
 
+def test_a_replicated_control_at_a_block_is_matched_to_that_blocks_best_t(tmp_path):
+    """On multi-task data the mixers' block (best on average over tasks) may not be a task's own best block: the
+    control counts where it repeats the MLP's best t at its block, whichever block validates best overall."""
+    probes = tmp_path / "probes"
+    probe_record(probes / "stem", "mlp", 0, {0.0: (0.8, 0.8), 0.5: (0.6, 0.6)}, layer="stem")  # chosen: t = 0
+    probe_record(probes / "up.2", "mlp", 0, {0.0: (0.6, 0.6), 0.5: (0.7, 0.7)}, layer="up.2")  # best at t = 0.5
+    for kind, time in (("transformer", 0.5), ("concat", 0.0)):
+        probe_record(probes / "chosen-block" / "replicated", kind, 0, {0.5: (0.7, 0.7)}, layer="up.2",
+                     layer_selection="mlp", replicate_time=time, replicated_time=time)
+    row = next(row for row in table_rows(collect(probes)) if row["encoder"] == "score")
+    assert row["transformer-replicated"] is not None  # up.2's best t, repeated
+    assert row["concat-replicated"] is None and row["left_out"] == {"concat-replicated": 1}  # stem's, not up.2's
+
+
 def test_the_report_picks_the_block_and_t_on_validation_and_maps_linear_accuracy_over_both(tmp_path):
     # down.1 validates best at t = 0.5; up.2 tests best, which must not count
     accuracies = {"stem": {0.0: (0.50, 0.50), 0.5: (0.55, 0.55), 1.0: (0.3, 0.3)},
