@@ -320,15 +320,15 @@ class Reproduction:
         """Stop before pretraining `run` again while results/ holds its records (a fresh clone of a preset that
         gained a probe kind, or a deleted checkpoint): the new weights would not be the ones they read, and a row
         mixes no two encoders. Removing them here would silently throw away hours of committed probes."""
-        records = [folder for folder in self._run_folders(self.results / "probes", run) if any(folder.rglob("*.json"))]
+        counts = {folder: len(list(folder.rglob("*.json")))
+                  for folder in self._run_folders(self.results / "probes", run)}
+        records = [folder for folder, count in counts.items() if count]
         if not records:
             return
-        run_dir = self.runs / run
-        why = (f"its checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} is missing"
-               if not (run_dir / "checkpoints" / "last.ckpt").exists() else f"its pretraining did not finish (no "
-               f"{run_dir / 'DONE'})")
-        count = sum(len(list(folder.rglob("*.json"))) for folder in records)
-        folders = " ".join(map(str, records))
+        last = self.runs / run / "checkpoints" / "last.ckpt"
+        why = (f"its checkpoint {last} is missing" if not last.exists()
+               else f"its pretraining did not finish (no {self.runs / run / 'DONE'})")
+        count, folders = sum(counts.values()), " ".join(map(str, records))
         raise TrajrepError(f"{run} would be pretrained again, as a probe it needs is not recorded and {why}; but "
                            f"results hold {count} probe records of it, which new weights would not match. To redo the "
                            f"run, remove them (rm -r {folders}); to keep them, restore the run's checkpoint folder "
